@@ -1,0 +1,40 @@
+"""The end-of-run report: per-class target IoU, mIoU, and where logs and checkpoints are."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+
+
+def final_report(
+    cfg: DictConfig, module: L.LightningModule, trainer: L.Trainer, metrics: dict[str, float]
+) -> None:
+    """Print the IoU table and the log/checkpoint/W&B locations (rank 0 only)."""
+    if trainer.global_rank != 0:
+        return
+    console = Console()
+    iou = getattr(module, "last_val_iou", None)
+    if iou is not None:
+        table = Table(title="target val IoU (%)")
+        table.add_column("class")
+        table.add_column("IoU", justify="right")
+        for name, value in zip(module.class_names, iou.tolist(), strict=True):
+            table.add_row(name, "absent" if math.isnan(value) else f"{100 * value:.1f}")
+        table.add_row("[bold]mIoU", f"[bold]{metrics.get('val/mIoU', float('nan')):.2f}")
+        if "val/mIoU_prototype" in metrics:
+            table.add_row("mIoU (prototype output)", f"{metrics['val/mIoU_prototype']:.2f}")
+        console.print(table)
+    console.print(f"logs: {trainer.log_dir or cfg.paths.output_dir}")
+    ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or getattr(
+        trainer.checkpoint_callback, "best_model_path", ""
+    )
+    if ckpt:
+        console.print(f"checkpoint: {ckpt}")
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger":
+            run = logger.experiment
+            console.print(f"W&B run (offline): {run.dir}  -> upload with: wandb sync {run.dir}/..")

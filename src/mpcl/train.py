@@ -1,0 +1,120 @@
+"""Train and adapt: the Hydra entry point.
+
+    python -m mpcl.train                                   # synthetic benchmark, MPCL Gaussian
+    python -m mpcl.train prototype=centroid prototype.K=3
+    python -m mpcl.train uda=source_only prototype=none    # the lower bound
+    python -m mpcl.train experiment=mic_gaussian paths.data_dir=/data   # GTA -> Cityscapes
+    python -m mpcl.train -m prototype.K=1,3,5              # a multirun sweep
+    python -m mpcl.train ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt   # resume
+
+Config groups (``src/mpcl/conf``): data, model, uda, prototype, trainer, logger, callbacks,
+paths, hydra, experiment, hparams_search, debug.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+
+from mpcl.config import ConfigError, check_overrides, validate
+from mpcl.report import final_report
+
+log = logging.getLogger("mpcl")
+
+
+def build_student(cfg: DictConfig) -> torch.nn.Module:
+    """The student model; its prototype head exists only when prototypes are on."""
+    model_cfg = cfg.model.copy()
+    if not cfg.prototype.get("learner"):
+        _drop_key(model_cfg, "proto_head")
+    return instantiate(model_cfg)
+
+
+def _drop_key(node: DictConfig, key: str) -> None:
+    with open_dict(node):
+        for k in list(node.keys()):
+            if k == key:
+                node[k] = None
+            elif isinstance(node[k], DictConfig):
+                _drop_key(node[k], key)
+
+
+def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
+    """Instantiate data module, LightningModule and Trainer from a composed config."""
+    datamodule = instantiate(cfg.data)
+    student = build_student(cfg)
+    learner = cfg.prototype.get("learner")
+    prototype = instantiate(learner) if learner else None
+    module = instantiate(cfg.uda, student=student, prototype=prototype)
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    return datamodule, module, trainer
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit, then evaluate the student on target val; returns the final metrics."""
+    validate(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("matmul_precision"):
+        torch.set_float32_matmul_precision(cfg.matmul_precision)
+    datamodule, module, trainer = build(cfg)
+    ckpt_path = cfg.get("ckpt_path")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = {}
+    if cfg.get("evaluate", True):
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    final_report(cfg, module, trainer, metrics)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg)
+    except (ConfigError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as e:
+        # Bad input gets one line naming the problem and the fix, not a traceback wall.
+        print(f"error: {_root_cause(e)}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        _finish_wandb()
+    metric = cfg.get("optimized_metric")
+    return metrics.get(metric) if metric else None
+
+
+def _root_cause(e: BaseException) -> str:
+    """Hydra wraps errors raised in constructors; report the innermost message, one line."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _finish_wandb() -> None:
+    # Each multirun job must close its W&B run, or the next job logs into it.
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+def main() -> None:
+    """Console entry: check group choices first so a typo gets a one-line error."""
+    try:
+        check_overrides(sys.argv[1:], Path(__file__).parent / "conf")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

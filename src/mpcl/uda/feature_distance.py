@@ -1,0 +1,59 @@
+"""DAFormer's ImageNet Feature Distance: keep source "thing" features near the ImageNet ones."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from mpcl.data.labels import IGNORE_INDEX, NUM_CLASSES, THING_CLASSES
+
+
+def downscale_label_by_ratio(
+    labels: torch.Tensor,
+    size: tuple[int, int],
+    min_ratio: float = 0.75,
+    num_classes: int = NUM_CLASSES,
+) -> torch.Tensor:
+    """Majority label per cell, kept only when >= ``min_ratio`` of the cell is that class.
+
+    Args:
+        labels: (B, H, W) int64, 255 = ignore.
+        size: the target (h, w); H and W must be multiples of h and w.
+
+    Returns:
+        (B, h, w) int64; cells without a class covering ``min_ratio`` of them are 255.
+    """
+    b, h_in, w_in = labels.shape
+    h, w = size
+    one_hot = F.one_hot(labels.clamp(max=num_classes), num_classes + 1)[..., :num_classes]
+    one_hot = one_hot.permute(0, 3, 1, 2).float()  # (B, C, H, W), ignore -> all zeros
+    share = F.adaptive_avg_pool2d(one_hot, (h, w))  # fraction of each class per cell
+    best, cls = share.max(dim=1)
+    return torch.where(best >= min_ratio, cls, torch.full_like(cls, IGNORE_INDEX))
+
+
+def feature_distance_loss(
+    features: torch.Tensor,
+    imagenet_features: torch.Tensor,
+    labels: torch.Tensor,
+    classes: Sequence[int] = THING_CLASSES,
+    min_ratio: float = 0.75,
+) -> torch.Tensor:
+    """Mean over masked cells of || f - f_imagenet ||_2 (per cell, over channels).
+
+    Args:
+        features: (B, D, h, w) student encoder features (last stage).
+        imagenet_features: (B, D, h, w) frozen ImageNet encoder features.
+        labels: (B, H, W) int64 source labels.
+
+    Returns:
+        scalar loss; zero (with grad) when no cell is a thing class.
+    """
+    dist = torch.norm(features - imagenet_features.detach(), dim=1)  # (B, h, w)
+    cell_labels = downscale_label_by_ratio(labels, features.shape[-2:], min_ratio)
+    mask = torch.isin(cell_labels, torch.tensor(list(classes), device=labels.device))
+    if not mask.any():
+        return dist.sum() * 0.0
+    return dist[mask].mean()

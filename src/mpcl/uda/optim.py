@@ -1,0 +1,86 @@
+"""AdamW with a head learning-rate multiplier and no weight decay on norms; warm-up + poly.
+
+Matches mmseg/DAFormer: encoder lr 6e-5, heads x10, weight decay 0.01 except on norm and
+position-embedding parameters; linear warm-up from ``warmup_ratio`` over ``warmup_steps``
+multiplied onto a polynomial decay (power 1) to 0 at ``max_steps``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+_NORMS = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+)
+
+
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Names of norm-layer parameters and position embeddings: these get no weight decay."""
+    names = set()
+    for module_name, module in model.named_modules():
+        for param_name, _ in module.named_parameters(recurse=False):
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            if isinstance(module, _NORMS) or "pos_embed" in full or "pos_block" in full:
+                names.add(full)
+    return names
+
+
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    head_lr_mult: float = 10.0,
+) -> list[dict]:
+    """Split trainable parameters into (encoder | head) x (decay | no decay) groups.
+
+    Parameters of a sub-module called ``encoder`` get ``lr``; every other parameter (decoder,
+    prototype head, HRDA scale attention) is a head parameter and gets ``lr * head_lr_mult``.
+    """
+    no_decay = no_decay_names(model)
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            key = (f".{name}".find(".encoder.") < 0, name in no_decay)
+            groups.setdefault(key, []).append(param)
+    return [
+        {
+            "params": params,
+            "lr": lr * (head_lr_mult if is_head else 1.0),
+            "weight_decay": 0.0 if nd else weight_decay,
+            "name": ("head" if is_head else "encoder") + ("_no_decay" if nd else ""),
+        }
+        for (is_head, nd), params in sorted(groups.items())
+    ]
+
+
+def warmup_poly_lambda(
+    max_steps: int, warmup_steps: int = 1500, warmup_ratio: float = 1e-6, power: float = 1.0
+) -> Callable[[int], float]:
+    """The lr factor at step t: poly (1 - t / T)^power, times the mmseg linear warm-up."""
+
+    def factor(step: int) -> float:
+        poly = max(0.0, 1.0 - step / max_steps) ** power
+        if step < warmup_steps:
+            k = (1.0 - step / warmup_steps) * (1.0 - warmup_ratio)
+            return poly * (1.0 - k)
+        return poly
+
+    return factor
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    max_steps: int,
+    warmup_steps: int = 1500,
+    warmup_ratio: float = 1e-6,
+    power: float = 1.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Iteration-based LambdaLR over every parameter group."""
+    fn = warmup_poly_lambda(max_steps, warmup_steps, warmup_ratio, power)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
