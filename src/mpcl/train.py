@@ -46,6 +46,11 @@ def _drop_key(node: DictConfig, key: str) -> None:
                 _drop_key(node[k], key)
 
 
+def _targets(group: DictConfig | None) -> list[DictConfig]:
+    """The entries of a logger/callbacks group that name a ``_target_`` (null ones are off)."""
+    return [c for c in (group or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """Instantiate data module, LightningModule and Trainer from a composed config."""
     datamodule = instantiate(cfg.data)
@@ -53,8 +58,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     learner = cfg.prototype.get("learner")
     prototype = instantiate(learner) if learner else None
     module = instantiate(cfg.uda, student=student, prototype=prototype)
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    loggers = [instantiate(c) for c in _targets(cfg.get("logger"))]
+    callbacks = [instantiate(c) for c in _targets(cfg.get("callbacks"))]
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     return datamodule, module, trainer
 

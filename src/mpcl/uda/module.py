@@ -33,6 +33,8 @@ from torch import nn
 
 from mpcl.data.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 from mpcl.metrics import miou, segmentation_iou
+from mpcl.models.hrda import crop_labels
+from mpcl.prototypes import downsample_labels, downsample_weights
 from mpcl.uda.feature_distance import feature_distance_loss
 from mpcl.uda.masking import block_mask
 from mpcl.uda.mixing import StrongAugment, class_mix_mask, mix
@@ -81,6 +83,9 @@ class UDAModule(L.LightningModule):
         prototype_domains: which features feed the prototypes: "source", "mixed" or both.
         lambda_d: weight of the high-resolution prototype loss (Eq. 18, HRDA only).
         hr_loss_weight: HRDA's detail-crop loss weight (0.1; fused gets 1 - it).
+        eval_resize: (H, W) the test image is resized to before inference (logits are
+            resized back to the label size), or None to infer at the loaded size.
+        class_subsets: extra mIoU over class subsets, e.g. {"mIoU16": [...]} (Synthia).
         num_classes, class_names: the label space.
     """
 
@@ -106,6 +111,8 @@ class UDAModule(L.LightningModule):
         prototype_domains: Sequence[str] = ("source", "mixed"),
         lambda_d: float = 0.1,
         hr_loss_weight: float = 0.1,
+        eval_resize: Sequence[int] | None = None,
+        class_subsets: dict[str, Sequence[int]] | None = None,
         num_classes: int = NUM_CLASSES,
         class_names: Sequence[str] = CLASS_NAMES,
     ) -> None:
@@ -136,6 +143,7 @@ class UDAModule(L.LightningModule):
         if self.feature_distance:
             self.imagenet_encoder = copy.deepcopy(self._segmentor().encoder).requires_grad_(False)
         self.class_names = list(class_names)
+        self.class_subsets = {k: list(v) for k, v in (class_subsets or {}).items()}
         self.val_iou = segmentation_iou(num_classes)
         self.val_proto_iou = segmentation_iou(num_classes) if prototype is not None else None
 
@@ -159,7 +167,7 @@ class UDAModule(L.LightningModule):
         """CE of a forward_train output: plain, or HRDA's 0.9 fused + 0.1 detail crop."""
         if "fused" not in out:
             return weighted_cross_entropy(out["logits"], labels, weights)
-        crop = self.student.crop_labels
+        crop = crop_labels
         hr_w = None if weights is None else crop(weights, out["hr_box"])
         w_hr = self.hparams.hr_loss_weight
         return (1 - w_hr) * weighted_cross_entropy(out["fused"], labels, weights) + (
@@ -172,7 +180,7 @@ class UDAModule(L.LightningModule):
         """[(resolution, features (B, D, h, w), labels (B, H, W), weights (B, H, W))]."""
         if "fused" not in out:
             return [("lr", out["features"], labels, weights)]
-        crop = self.student.crop_labels
+        crop = crop_labels
         box = out["hr_box"]
         return [
             ("lr", out["lr_features"], labels, weights),
@@ -191,14 +199,15 @@ class UDAModule(L.LightningModule):
             res = parts[0][0]
             feats = torch.cat([p[1] for p in parts])
             size = feats.shape[-2:]
-            labels = torch.cat([self.prototype.downsample_labels(p[2], size) for p in parts])
-            weights = torch.cat([self.prototype.downsample_weights(p[3], size) for p in parts])
+            labels = torch.cat([downsample_labels(p[2], size) for p in parts])
+            weights = torch.cat([downsample_weights(p[3], size) for p in parts])
             per_res[res] = self.prototype(feats, labels, weights, resolution=res)
         if len(per_res) == 1:
             return next(iter(per_res.values()))
         scale = {"lr": 1.0 - lambda_d, "hr": lambda_d}
-        keys = ("loss", "loss_contrast", "loss_consistency")
-        return {k: sum(scale[r] * d[k] for r, d in per_res.items()) for k in keys}
+        out = {k: sum(scale[r] * d[k] for r, d in per_res.items()) for k in per_res["lr"]}
+        out |= {f"{k}_{r}": v for r, d in per_res.items() for k, v in d.items()}
+        return out
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -215,8 +224,10 @@ class UDAModule(L.LightningModule):
             if self.prototype is not None:
                 ones = torch.ones_like(labels, dtype=torch.float32)
                 proto = self._prototype_loss([self._proto_inputs(out, labels, ones)])
-                loss = loss + proto["loss"]
-                logs |= {k: v for k, v in proto.items() if k.startswith("loss")}
+                loss = loss + proto.pop("loss")
+                logs |= {
+                    k if k.startswith("loss") else f"prototype/{k}": v for k, v in proto.items()
+                }
             return self._log_train(loss, logs, images.shape[0])
         return self._self_training_step(batch)
 
@@ -232,7 +243,9 @@ class UDAModule(L.LightningModule):
         loss = loss_source
         logs["loss_source"] = loss_source
         if self.feature_distance:
-            ctx = F.interpolate(x_s, scale_factor=0.5, mode="bilinear") if "fused" in out_s else x_s
+            ctx = x_s
+            if "fused" in out_s:  # HRDA: Feature Distance on the low-resolution context
+                ctx = F.interpolate(x_s, scale_factor=self.student.lr_scale, mode="bilinear")
             with torch.no_grad():
                 imnet = self.imagenet_encoder(self._segmentor().normalize(ctx))[-1]
             fd = feature_distance_loss(
@@ -279,8 +292,8 @@ class UDAModule(L.LightningModule):
             if "mixed" in hp.prototype_domains:
                 inputs.append(self._proto_inputs(out_m, y_m, w_m))
             proto = self._prototype_loss(inputs)
-            loss = loss + proto["loss"]
-            logs |= {k: v for k, v in proto.items() if k.startswith("loss")}
+            loss = loss + proto.pop("loss")
+            logs |= {k if k.startswith("loss") else f"prototype/{k}": v for k, v in proto.items()}
 
         # MIC: masked target, trained on the unmasked target's pseudo-labels.
         if self.mic:
@@ -302,26 +315,36 @@ class UDAModule(L.LightningModule):
         return loss
 
     # ------------------------------------------------------------------ evaluation
+    def _resize_for_eval(self, images: torch.Tensor) -> torch.Tensor:
+        size = self.hparams.eval_resize
+        if size is None or tuple(images.shape[-2:]) == tuple(size):
+            return images
+        return F.interpolate(images, size=tuple(size), mode="bilinear", align_corners=False)
+
     def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Student logits at input resolution (B, C, H, W) (sliding window for HRDA)."""
-        return self.student.predict(images)
+        """Student logits (B, C, H, W) at the input size: inferred at ``eval_resize`` (sliding
+        window for HRDA), then bilinearly resized back."""
+        logits = self.student.predict(self._resize_for_eval(images))
+        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
     def prototype_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Prototype-based output (Table VI): (B, C, H, W) class scores from the prototypes."""
-        out = self._segmentor()(images)
+        out = self._segmentor()(self._resize_for_eval(images))
         scores = self.prototype.predict(out["features"])
         return F.interpolate(scores, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         images, labels = batch["image"], batch["label"]
         self.val_iou.update(self.predict_logits(images).argmax(1), labels)
-        if self.val_proto_iou is not None and self.prototype.is_initialized:
+        if self.val_proto_iou is not None and bool(self.prototype.prototypes.initialized.any()):
             self.val_proto_iou.update(self.prototype_logits(images).argmax(1), labels)
 
     def on_validation_epoch_end(self) -> None:
         iou = self.val_iou.compute()
         self.val_iou.reset()
         self.log("val/mIoU", 100 * miou(iou), prog_bar=True)
+        for name, classes in self.class_subsets.items():
+            self.log(f"val/{name}", 100 * miou(iou, classes))
         for name, value in zip(self.class_names, iou, strict=True):
             self.log(f"val/IoU/{name}", 100 * value)
         self.last_val_iou = iou.cpu()

@@ -1,0 +1,177 @@
+"""The UDA data module: paired (source, target) training batches and target validation.
+
+Design: one DataLoader over a ``PairedDataset`` whose items are addressed by (source index,
+target index) pairs that a ``PairSampler`` draws from a seeded torch Generator. Source and
+target are shuffled independently (each cycles through its own random permutations, so every
+image is seen once per pass over its own set, whatever the two lengths), and the pairs are
+fixed by the generator alone: the stream does not depend on the number of workers, unlike a
+per-worker RNG, and one loader keeps the pair and its worker bookkeeping together, unlike two
+zipped loaders. Training is iteration based: the sampler is as long as the trainer's
+``max_steps`` needs, and Lightning's ``max_steps`` ends training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mpcl.data.transforms import reseed_transforms, seed_worker
+
+
+class PairSampler(Sampler[tuple[int, int]]):
+    """Yields ``num_samples`` pairs (source index, target index), independently shuffled.
+
+    Each side walks through fresh random permutations of its own length, drawn from
+    ``generator``; iterating again continues the stream (a new epoch gives new pairs).
+    """
+
+    def __init__(
+        self, num_source: int, num_target: int, num_samples: int, generator: torch.Generator
+    ):
+        if num_source <= 0 or num_target <= 0:
+            raise ValueError(
+                f"empty training set: {num_source} source and {num_target} target images"
+            )
+        self.num_source, self.num_target = num_source, num_target
+        self.num_samples = int(num_samples)
+        self.generator = generator
+
+    def _stream(self, n: int) -> Iterator[int]:
+        while True:
+            yield from torch.randperm(n, generator=self.generator).tolist()
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        source, target = self._stream(self.num_source), self._stream(self.num_target)
+        for _ in range(self.num_samples):
+            yield next(source), next(target)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class PairedDataset(Dataset):
+    """Indexed by (source index, target index) pairs.
+
+    Items: ``source_image`` (3, H, W) float in [0, 1], ``source_label`` (H, W) int64,
+    ``target_image`` (3, H', W') float, and ``target_label`` (H', W') int64 when the target
+    set is labelled (only the oracle may use it).
+    """
+
+    def __init__(self, source: Dataset, target: Dataset):
+        self.source, self.target = source, target
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, pair: tuple[int, int]) -> dict:
+        i, j = pair
+        s, t = self.source[i], self.target[j]
+        item = {"source_image": s["image"], "source_label": s["label"], "target_image": t["image"]}
+        if "label" in t:
+            item["target_label"] = t["label"]
+        return item
+
+
+class UDADataModule(L.LightningDataModule):
+    """Source-labelled + target-unlabelled training batches; target validation batches.
+
+    Args:
+        source_train: labelled source set (items ``image``, ``label``), transform included.
+        target_train: target set (``image``; a ``label`` is passed on as ``target_label``).
+        target_val: labelled target set for validation/testing.
+        batch_size: (source, target) pairs per training batch (DAFormer: 2).
+        num_workers: DataLoader workers for each loader.
+        val_batch_size: validation batch size (1 for full-resolution Cityscapes images).
+        pin_memory: pin host memory (faster host-to-GPU copies).
+        persistent_workers: keep workers alive between epochs/validation runs.
+        source_sampler_dataset: optional stand-in for ``source_train`` whose items ignore the
+            index and pick their own image, e.g. Rare Class Sampling (it must draw from a
+            per-worker seeded RNG; ``seed_worker`` seeds numpy/random in each worker).
+        num_train_samples: pairs per training epoch; None -> enough for the trainer's
+            ``max_steps`` (x accumulate_grad_batches x world size), or one pass over the
+            source set when ``max_steps`` is unset.
+
+    Train batches: ``source_image`` (B, 3, H, W) float, ``source_label`` (B, H, W) long,
+    ``target_image`` (B, 3, H', W') float [, ``target_label`` (B, H', W') long].
+    Val/test batches: ``image`` (B, 3, H, W) float, ``label`` (B, H, W) long, ``name`` list[str].
+    """
+
+    def __init__(
+        self,
+        source_train: Dataset,
+        target_train: Dataset,
+        target_val: Dataset,
+        batch_size: int = 2,
+        num_workers: int = 2,
+        val_batch_size: int = 1,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
+        source_sampler_dataset: Dataset | None = None,
+        num_train_samples: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.source_train = source_train
+        self.target_train = target_train
+        self.target_val = target_val
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.val_batch_size = val_batch_size
+        self.pin_memory = pin_memory
+        # DataLoader refuses persistent workers without workers.
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.source_sampler_dataset = source_sampler_dataset
+        self.num_train_samples = num_train_samples
+
+    def _train_samples(self) -> int:
+        if self.num_train_samples is not None:
+            return self.num_train_samples
+        trainer = self.trainer
+        if trainer is not None and trainer.max_steps is not None and trainer.max_steps > 0:
+            steps = trainer.max_steps * trainer.accumulate_grad_batches * trainer.world_size
+            return steps * self.batch_size
+        return len(self.source_train)
+
+    def train_dataloader(self) -> DataLoader:
+        source = self.source_sampler_dataset or self.source_train
+        dataset = PairedDataset(source, self.target_train)
+        # Seeded from torch's global seed, which Lightning's seed_everything sets.
+        seed = torch.initial_seed() % 2**63
+        sampler = PairSampler(
+            len(source),
+            len(self.target_train),
+            self._train_samples(),
+            generator=torch.Generator().manual_seed(seed),
+        )
+        if self.num_workers == 0:  # no worker_init_fn runs: seed the transforms here
+            reseed_transforms(dataset, seed)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            drop_last=True,
+            worker_init_fn=seed_worker,
+            generator=torch.Generator().manual_seed(seed + 1),  # workers' base seeds
+            persistent_workers=self.persistent_workers,
+        )
+
+    def _eval_loader(self) -> DataLoader:
+        return DataLoader(
+            self.target_val,
+            batch_size=self.val_batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            worker_init_fn=seed_worker,
+            persistent_workers=self.persistent_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader()
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader()

@@ -1,0 +1,53 @@
+"""Prototype consistency loss (Eqs. 11-12): the prototype classifier must agree with the labels.
+
+Shapes: N = pixels, C = classes, K = prototypes per class.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def class_scores(similarity: torch.Tensor) -> torch.Tensor:
+    """Class similarity g(c, F) = max_k sim(p_k^(c), F) (Eq. 11).
+
+    Args:
+        similarity: (N, C, K).
+
+    Returns:
+        (N, C).
+    """
+    return similarity.max(dim=2).values
+
+
+def consistency_loss(
+    similarity: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor,
+    temperature: float,
+    valid_classes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Weighted cross-entropy of the prototype posterior P(c | F) = softmax_c(g(c, F) / tau).
+
+    Eq. 12 against the (mixed) labels at feature resolution. Weighted by the per-pixel
+    quality weight like the self-training loss on the same labels, divided by N.
+
+    Args:
+        similarity: (N, C, K) pixel-to-prototype similarities.
+        labels: (N,) int64 class in [0, C) (no ignore label: the caller selects pixels).
+        weights: (N,) per-pixel weights.
+        temperature: tau > 0.
+        valid_classes: (C,) bool, classes that take part in the softmax (initialised
+            ones); every label must be valid. None means all.
+
+    Returns:
+        Scalar loss (0 with a gradient path when N = 0).
+    """
+    if similarity.shape[0] == 0:
+        return similarity.sum() * 0.0
+    logits = class_scores(similarity) / temperature  # (N, C)
+    if valid_classes is not None:
+        logits = logits.masked_fill(~valid_classes[None, :], float("-inf"))
+    nll = F.cross_entropy(logits, labels, reduction="none")  # (N,)
+    return (weights.to(nll.dtype) * nll).sum() / similarity.shape[0]

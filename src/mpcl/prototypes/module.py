@@ -1,0 +1,402 @@
+"""The MPCL module: multi-prototype online clustering, prototype updates and prototype losses.
+
+One call of :meth:`PrototypeLearning.forward` is one resolution of one training step
+(Algorithm 1, lines 7-9): cluster the labelled pixels of each class onto that class's K
+prototypes (Sinkhorn, Eq. 14), compute the contrastive loss (Eq. 17) and the consistency
+loss (Eq. 12), and, in training mode, update the prototypes (Eqs. 20-21) and fill the
+feature bank of classes that still wait for their K-Means initialisation.
+
+Shapes: B = batch, D = feature channels, h x w = feature resolution, N = B * h * w,
+C = classes, K = prototypes per class.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from mpcl.data.labels import IGNORE_INDEX
+from mpcl.prototypes.banks import PrototypeBank
+from mpcl.prototypes.clustering import cluster_statistics, distributed_ready, kmeans, sinkhorn
+from mpcl.prototypes.feature_bank import FeatureBank
+from mpcl.prototypes.losses import class_scores, consistency_loss, contrastive_loss
+
+
+def _resize_nearest(values: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) -> (B, h, w) nearest-neighbour resize, keeping the dtype."""
+    out = F.interpolate(values[:, None].float(), size=size, mode="nearest")
+    return out[:, 0].to(values.dtype)
+
+
+def downsample_labels(labels: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Labels at feature resolution by nearest neighbour (no class mixing, keeps 255).
+
+    Args:
+        labels: (B, H, W) int64 (mixed) labels, 255 = ignore.
+        size: (h, w) feature resolution.
+
+    Returns:
+        (B, h, w) int64.
+    """
+    return _resize_nearest(labels, size)
+
+
+def downsample_weights(weights: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Per-pixel weights at feature resolution, sampled at the same pixels as the labels.
+
+    Args:
+        weights: (B, H, W) float.
+        size: (h, w).
+
+    Returns:
+        (B, h, w) float.
+    """
+    return _resize_nearest(weights, size)
+
+
+class PrototypeLearning(nn.Module):
+    """Multiple-prototype contrastive learning (MPCL) on projected pixel features.
+
+    Args:
+        prototypes: a CentroidPrototypes or GaussianPrototypes bank (C x K x D).
+        feature_bank_size: features kept per feature bank for the K-Means initialisation.
+        epsilon: Sinkhorn entropy weight.
+        sinkhorn_iters: Sinkhorn-Knopp iterations.
+        temperature: tau of Eqs. 11 and 17.
+        momentum: EMA weight alpha of the old prototype (Eqs. 20-21).
+        lambda_contrast: lambda_1, weight of the contrastive loss.
+        lambda_consistency: lambda_2, weight of the consistency loss.
+        in_class_negatives: same-class prototypes are negatives (False: Table VI ablation).
+        normalize_features: L2-normalise pixel features before any similarity.
+        min_init_features: features of a class (over all feature banks) needed before its
+            K-Means initialisation; default: one full class slot of a bank.
+        bank_max_per_step: features of one class stored per step in a bank.
+        kmeans_iters: Lloyd iterations of the initialisation.
+        resolutions: names of the inputs that get their own feature bank (e.g. lr, hr);
+            the prototypes are shared.
+        ignore_index: label of unlabelled pixels.
+    """
+
+    def __init__(
+        self,
+        prototypes: PrototypeBank,
+        feature_bank_size: int = 20000,
+        epsilon: float = 0.05,
+        sinkhorn_iters: int = 3,
+        temperature: float = 0.1,
+        momentum: float = 0.999,
+        lambda_contrast: float = 0.1,
+        lambda_consistency: float = 0.1,
+        in_class_negatives: bool = True,
+        normalize_features: bool = True,
+        min_init_features: int | None = None,
+        bank_max_per_step: int | None = None,
+        kmeans_iters: int = 50,
+        resolutions: Sequence[str] = ("lr",),
+        ignore_index: int = IGNORE_INDEX,
+    ) -> None:
+        super().__init__()
+        if not isinstance(prototypes, PrototypeBank):
+            raise ValueError(
+                f"unknown prototype type {type(prototypes).__name__}; pass CentroidPrototypes "
+                f"or GaussianPrototypes (make_prototypes('centroid' | 'gaussian', ...))."
+            )
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}; the paper uses 0.1.")
+        if epsilon <= 0:
+            raise ValueError(f"epsilon must be > 0, got {epsilon}; use 0.05.")
+        if sinkhorn_iters < 1:
+            raise ValueError(f"sinkhorn_iters must be >= 1, got {sinkhorn_iters}; use 3.")
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum}; the paper uses 0.999.")
+        resolutions = [str(name) for name in resolutions]
+        if not resolutions or len(set(resolutions)) != len(resolutions):
+            raise ValueError(f"resolutions must be distinct names, got {resolutions}.")
+        self.prototypes = prototypes
+        self.num_classes = prototypes.num_classes
+        self.num_prototypes = prototypes.num_prototypes
+        self.dim = prototypes.dim
+        self.epsilon = epsilon
+        self.sinkhorn_iters = sinkhorn_iters
+        self.temperature = temperature
+        self.momentum = momentum
+        self.lambda_contrast = lambda_contrast
+        self.lambda_consistency = lambda_consistency
+        self.in_class_negatives = in_class_negatives
+        self.normalize_features = normalize_features
+        self.kmeans_iters = kmeans_iters
+        self.ignore_index = ignore_index
+        self.resolutions = resolutions
+        self.feature_banks = nn.ModuleDict(
+            {
+                name: FeatureBank(self.num_classes, self.dim, feature_bank_size, bank_max_per_step)
+                for name in resolutions
+            }
+        )
+        slots = self.feature_banks[resolutions[0]].slots
+        self.min_init_features = slots if min_init_features is None else min_init_features
+        max_init = slots * len(resolutions)
+        if not self.num_prototypes <= self.min_init_features <= max_init:
+            raise ValueError(
+                f"min_init_features={min_init_features} must be between K={self.num_prototypes} "
+                f"and the bank capacity per class {max_init}; raise feature_bank_size or lower it."
+            )
+
+    def extra_repr(self) -> str:
+        return (
+            f"type={type(self.prototypes).__name__}, classes={self.num_classes}, "
+            f"prototypes={self.num_prototypes}, dim={self.dim}, temperature={self.temperature}, "
+            f"epsilon={self.epsilon}, sinkhorn_iters={self.sinkhorn_iters}, "
+            f"momentum={self.momentum}, lambda_contrast={self.lambda_contrast}, "
+            f"lambda_consistency={self.lambda_consistency}, "
+            f"in_class_negatives={self.in_class_negatives}, resolutions={self.resolutions}"
+        )
+
+    # ------------------------------------------------------------------ features
+
+    def _flatten(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, D, h, w) -> (N, D), float32 or wider, L2-normalised if configured."""
+        if features.dim() != 4 or features.shape[1] != self.dim:
+            raise ValueError(
+                f"features must be (B, {self.dim}, h, w), got {tuple(features.shape)}; "
+                f"set the prototypes' dim to the projection head's output channels."
+            )
+        x = features.permute(0, 2, 3, 1).reshape(-1, self.dim)
+        x = x.to(torch.promote_types(x.dtype, torch.float32))  # no half-precision distances
+        return F.normalize(x, dim=1) if self.normalize_features else x
+
+    def prototype_similarity(self, features: torch.Tensor) -> torch.Tensor:
+        """Pixel-to-prototype similarity maps (paper Fig. 7).
+
+        Args:
+            features: (B, D, h, w).
+
+        Returns:
+            (B, C, K, h, w).
+        """
+        batch, _, height, width = features.shape
+        sim = self.prototypes.similarity(self._flatten(features))  # (N, C, K)
+        sim = sim.view(batch, height, width, self.num_classes, self.num_prototypes)
+        return sim.permute(0, 3, 4, 1, 2)
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        """Prototype-based class scores g(c, F) / tau (Eqs. 10-11; Table VI output).
+
+        Softmax over C gives Eq. 11; argmax gives Eq. 10. Classes that are not initialised
+        get the lowest finite score.
+
+        Args:
+            features: (B, D, h, w).
+
+        Returns:
+            (B, C, h, w).
+        """
+        scores = self.prototype_similarity(features).max(dim=2).values / self.temperature
+        low = torch.finfo(scores.dtype).min
+        return scores.masked_fill(~self.prototypes.initialized[None, :, None, None], low)
+
+    # ------------------------------------------------------------------ training step
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        weights: torch.Tensor | None = None,
+        resolution: str | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Prototype losses of one resolution; in training mode also clusters and updates.
+
+        Args:
+            features: (B, D, h, w) projected features (prototype head output).
+            labels: (B, h, w) int64 labels at feature resolution, 255 = ignore (source
+                labels, or mixed labels: pasted source labels + target pseudo-labels).
+            weights: (B, h, w) per-pixel weights w^M (quality weight on target pixels, 1 on
+                pasted source pixels); None = all 1. Pixels of weight 0 do not update.
+            resolution: which feature bank to fill (one of ``resolutions``; default first).
+
+        Returns:
+            dict with ``loss`` = lambda_1 * contrast + lambda_2 * consistency (scalar with
+            grad; 0 while no class is initialised), ``loss_contrast``, ``loss_consistency``
+            and detached diagnostics ``num_initialized``, ``num_pixels``,
+            ``assignment_entropy`` (mean row entropy of Q / log K), ``prototype_usage``
+            (fraction of the present classes' prototypes that got a pixel) and
+            ``proto_accuracy`` (Eq. 10 prediction vs labels on the used pixels).
+        """
+        bank = self._feature_bank(resolution)
+        x = self._flatten(features)  # (N, D)
+        batch, _, height, width = features.shape
+        if labels.shape != (batch, height, width):
+            raise ValueError(
+                f"labels must be (B, h, w) = {(batch, height, width)}, got "
+                f"{tuple(labels.shape)}; downsample them with downsample_labels."
+            )
+        y = labels.reshape(-1).long()
+        if weights is None:
+            w = x.new_ones(len(y))
+        elif weights.shape != labels.shape:
+            raise ValueError(
+                f"weights must match labels {tuple(labels.shape)}, got {tuple(weights.shape)}; "
+                f"downsample them with downsample_weights."
+            )
+        else:
+            w = weights.reshape(-1).to(x.dtype)
+
+        labelled = y != self.ignore_index
+        if bool((labelled & ((y < 0) | (y >= self.num_classes))).any()):
+            raise ValueError(
+                f"labels must be in [0, {self.num_classes}) or {self.ignore_index}; "
+                f"map them to train IDs first."
+            )
+        y_safe = torch.where(labelled, y, torch.zeros_like(y))
+        initialized = self.prototypes.initialized
+        # Pixels of classes without prototypes yet take no part in the losses.
+        active = torch.nonzero(labelled & initialized[y_safe]).squeeze(1)
+        x_act, y_act, w_act = x[active], y[active], w[active]
+
+        sim = self.prototypes.similarity(x_act)  # (Na, C, K)
+        assignment, positive = self._assign(sim.detach(), y_act)
+        logits = sim.flatten(1) / self.temperature  # (Na, C*K)
+        loss_contrast = contrastive_loss(
+            logits,
+            positive,
+            w_act,
+            self.num_prototypes,
+            in_class_negatives=self.in_class_negatives,
+            valid_prototypes=initialized.repeat_interleave(self.num_prototypes),
+        )
+        loss_consistency = consistency_loss(sim, y_act, w_act, self.temperature, initialized)
+        loss = self.lambda_contrast * loss_contrast + self.lambda_consistency * loss_consistency
+
+        if self.training:
+            with torch.no_grad():
+                self._update_prototypes(x_act.detach(), positive, w_act)
+                self._initialize_classes(bank, x.detach(), y_safe, labelled & (w > 0))
+
+        out = {
+            "loss": loss,
+            "loss_contrast": loss_contrast.detach(),
+            "loss_consistency": loss_consistency.detach(),
+        }
+        out.update(self._diagnostics(sim.detach(), y_act, assignment, positive))
+        return out
+
+    def _feature_bank(self, resolution: str | None) -> FeatureBank:
+        name = self.resolutions[0] if resolution is None else resolution
+        if name not in self.feature_banks:
+            raise ValueError(
+                f"unknown resolution {name!r}; use one of {self.resolutions} "
+                f"(set PrototypeLearning.resolutions)."
+            )
+        return self.feature_banks[name]
+
+    @torch.no_grad()
+    def _assign(self, sim: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sinkhorn clustering of each class's pixels onto its own K prototypes.
+
+        Args:
+            sim: (Na, C, K) similarities.
+            labels: (Na,) class of each pixel (the clustering groups).
+
+        Returns:
+            soft assignment Q (Na, K) and the positive prototype index (Na,) in [0, C*K).
+        """
+        own = sim[torch.arange(len(labels), device=sim.device), labels]  # (Na, K)
+        assignment = sinkhorn(
+            own,
+            self.epsilon,
+            self.sinkhorn_iters,
+            groups=labels,
+            num_groups=self.num_classes,
+            distributed=self.training,  # training steps run on every rank: union-batch Q
+        )
+        positive = labels * self.num_prototypes + assignment.argmax(1)
+        return assignment, positive
+
+    @torch.no_grad()
+    def _update_prototypes(
+        self, features: torch.Tensor, positive: torch.Tensor, weights: torch.Tensor
+    ) -> None:
+        """EMA of the pixels hard-assigned to each prototype (collective under DDP)."""
+        keep = weights > 0
+        num_total = self.num_classes * self.num_prototypes
+        counts, sums, sq_sums = cluster_statistics(features[keep], positive[keep], num_total)
+        shape = (self.num_classes, self.num_prototypes)
+        self.prototypes.update(
+            counts.view(shape), sums.view(*shape, -1), sq_sums.view(*shape, -1), self.momentum
+        )
+
+    @torch.no_grad()
+    def _initialize_classes(
+        self, bank: FeatureBank, features: torch.Tensor, labels: torch.Tensor, usable: torch.Tensor
+    ) -> None:
+        """Fill ``bank`` for classes without prototypes; K-Means those with enough features.
+
+        Args:
+            bank: the feature bank of the current resolution.
+            features: (N, D) detached features.
+            labels: (N,) class (anything where ``usable`` is False).
+            usable: (N,) bool, labelled pixels of positive weight.
+        """
+        initialized = self.prototypes.initialized
+        if bool(initialized.all()):
+            return
+        fill = usable & ~initialized[labels]
+        bank.add(features[fill], labels[fill])
+        stored = sum(b.count for b in self.feature_banks.values())  # (C,) over resolutions
+        ready = (~initialized & (stored >= self.min_init_features)).int()
+        distributed = distributed_ready()
+        if distributed:  # a class starts on every rank at the same step
+            dist.all_reduce(ready, op=dist.ReduceOp.MIN)
+        if not bool(ready.any()):
+            return
+        for cls in torch.nonzero(ready).squeeze(1).tolist():
+            class_features = torch.cat([b.get(cls) for b in self.feature_banks.values()])
+            centers, assign = kmeans(class_features, self.num_prototypes, self.kmeans_iters)
+            counts, sums, sq_sums = cluster_statistics(class_features, assign, self.num_prototypes)
+            n = counts.clamp_min(1)[:, None]
+            variances = (sq_sums / n - (sums / n) ** 2).clamp_min(0)  # (K, D)
+            self.prototypes.initialize(cls, centers, variances)
+        if distributed:  # rank 0's K-Means result, so that all ranks hold the same prototypes
+            for buffer in self.prototypes.buffers():
+                if buffer.is_floating_point():
+                    dist.broadcast(buffer, src=0)
+
+    @torch.no_grad()
+    def _diagnostics(
+        self,
+        sim: torch.Tensor,
+        labels: torch.Tensor,
+        assignment: torch.Tensor,
+        positive: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Detached scalars for logging (local to this rank)."""
+        device = sim.device
+        num_initialized = self.prototypes.initialized.sum().float()
+        zero = torch.zeros((), device=device)
+        if len(labels) == 0:
+            return {
+                "num_initialized": num_initialized,
+                "num_pixels": zero,
+                "assignment_entropy": zero,
+                "prototype_usage": zero,
+                "proto_accuracy": zero,
+            }
+        entropy = -(assignment * torch.log(assignment.clamp_min(1e-12))).sum(1)
+        max_entropy = math.log(self.num_prototypes) if self.num_prototypes > 1 else 1.0
+        used = torch.bincount(positive, minlength=self.num_classes * self.num_prototypes) > 0
+        present = torch.bincount(labels, minlength=self.num_classes) > 0
+        usage = used.view(self.num_classes, self.num_prototypes)[present].float().mean()
+        scores = class_scores(sim).masked_fill(~self.prototypes.initialized, float("-inf"))
+        accuracy = (scores.argmax(1) == labels).float().mean()
+        return {
+            "num_initialized": num_initialized,
+            "num_pixels": torch.tensor(float(len(labels)), device=device),
+            "assignment_entropy": entropy.mean() / max_entropy,
+            "prototype_usage": usage,
+            "proto_accuracy": accuracy,
+        }
