@@ -174,8 +174,33 @@ def test_datamodule_reproducible_and_sized_by_trainer(datasets):
 
     a, b = first_batch(), first_batch()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    dm.trainer = SimpleNamespace(max_steps=10, accumulate_grad_batches=2, world_size=1)
+    dm.trainer = SimpleNamespace(
+        max_steps=10, accumulate_grad_batches=2, world_size=1, global_step=0
+    )
     assert len(dm.train_dataloader()) == 20  # max_steps x accumulation batches
+
+
+def test_resumed_stream_equals_the_uninterrupted_one(datasets):
+    """After 3 optimiser steps, a fresh loader yields exactly the batches the uninterrupted
+    loader yields from step 3 on: same pairs, same crops and flips."""
+    source, target, val = datasets
+    dm = UDADataModule(source, target, val, batch_size=2, num_workers=0)
+    dm.trainer = SimpleNamespace(
+        max_steps=6, accumulate_grad_batches=1, world_size=1, global_step=0
+    )
+    full = list(dm.train_dataloader())
+    dm.trainer.global_step = 3
+    resumed = list(dm.train_dataloader())
+    assert len(full) == 6 and len(resumed) == 3
+    for a, b in zip(full[3:], resumed, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pair_sampler_start_skips_the_stream_prefix():
+    full = list(PairSampler(5, 3, 12, torch.Generator().manual_seed(0)))
+    tail = list(PairSampler(5, 3, 12, torch.Generator().manual_seed(0), start=7))
+    assert tail == full[7:]
+    assert [k for *_, k in full] == list(range(12))
 
 
 def test_datamodule_unlabelled_target_and_workers(datasets):

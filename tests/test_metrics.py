@@ -37,9 +37,10 @@ def test_iou_matches_confusion_matrix_over_batches():
     np.testing.assert_allclose(got, expected, rtol=1e-6)
     assert got[4] == 0.0  # only predicted: counts as 0
     assert math.isnan(got[5])  # absent from both: NaN, left out of the mean
-    assert miou(torch.from_numpy(got)) == np.nanmean(expected).astype(np.float32).item() or abs(
-        miou(torch.from_numpy(got)) - np.nanmean(expected)
-    ) < 1e-6
+    assert (
+        miou(torch.from_numpy(got)) == np.nanmean(expected).astype(np.float32).item()
+        or abs(miou(torch.from_numpy(got)) - np.nanmean(expected)) < 1e-6
+    )
     assert abs(miou(torch.from_numpy(got), classes=[0, 1]) - expected[:2].mean()) < 1e-6
     assert iou_table(torch.from_numpy(got), [str(i) for i in range(6)])[0][0] == "0"
 

@@ -180,3 +180,31 @@ def test_rcs_reads_stats_from_a_folder_and_checks_them(tmp_path, caplog):
         RareClassSamplingDataset(ds, tmp_path / "stats", min_pixels=100)
     with pytest.raises(ValueError, match="labelled"):
         RareClassSamplingDataset(SegmentationDataset(ds.images), tmp_path / "stats")
+
+
+def test_cached_stats_computes_once_and_matches_direct_count(tmp_path):
+    import cv2
+
+    from mpcl.data.base import SegmentationDataset
+    from mpcl.data.rcs import cached_stats
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    labels = []
+    for i in range(3):
+        lab = rng.integers(0, 4, (8, 8)).astype(np.uint8)
+        cv2.imwrite(str(tmp_path / "images" / f"{i}.png"), np.zeros((8, 8, 3), np.uint8))
+        cv2.imwrite(str(tmp_path / "labels" / f"{i}.png"), lab)
+        labels.append(lab)
+    ds = SegmentationDataset(
+        sorted((tmp_path / "images").glob("*.png")), sorted((tmp_path / "labels").glob("*.png"))
+    )
+    sample_stats, _ = cached_stats(ds)
+    assert (tmp_path / "sample_class_stats.json").is_file()
+    for entry, lab in zip(sample_stats, labels, strict=True):
+        direct = np.bincount(lab.ravel(), minlength=4)
+        assert entry["counts"] == {c: int(n) for c, n in enumerate(direct) if n}
+    mtime = (tmp_path / "sample_class_stats.json").stat().st_mtime_ns
+    cached_stats(ds)
+    assert (tmp_path / "sample_class_stats.json").stat().st_mtime_ns == mtime

@@ -75,7 +75,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {}
     if cfg.get("evaluate", True):
-        trainer.validate(module, datamodule=datamodule, verbose=False)
+        # The fit loop may already have validated at the last step; don't do it twice.
+        if getattr(module, "last_val_step", None) != trainer.global_step:
+            trainer.validate(module, datamodule=datamodule, verbose=False)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     final_report(cfg, module, trainer, metrics)
     return metrics

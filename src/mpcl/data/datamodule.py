@@ -8,6 +8,11 @@ fixed by the generator alone: the stream does not depend on the number of worker
 per-worker RNG, and one loader keeps the pair and its worker bookkeeping together, unlike two
 zipped loaders. Training is iteration based: the sampler is as long as the trainer's
 ``max_steps`` needs, and Lightning's ``max_steps`` ends training.
+
+Exact resume: every random choice of the data pipeline is a function of (seed, k), k the
+sample's position in the stream. The sampler skips the first ``start`` samples on resume, and
+each item reseeds the augmentations (and Rare Class Sampling) from (seed, k), so a resumed run
+sees exactly the batches the uninterrupted run would have seen, whatever the worker count.
 """
 
 from __future__ import annotations
@@ -15,21 +20,29 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mpcl.data.transforms import reseed_transforms, seed_worker
 
 
-class PairSampler(Sampler[tuple[int, int]]):
-    """Yields ``num_samples`` pairs (source index, target index), independently shuffled.
+class PairSampler(Sampler[tuple[int, int, int]]):
+    """Yields (source index, target index, k) for k in [start, num_samples), independently
+    shuffled.
 
     Each side walks through fresh random permutations of its own length, drawn from
-    ``generator``; iterating again continues the stream (a new epoch gives new pairs).
+    ``generator``; the first ``start`` pairs are drawn and skipped (resume). Iterating again
+    continues the stream (a new epoch gives new pairs).
     """
 
     def __init__(
-        self, num_source: int, num_target: int, num_samples: int, generator: torch.Generator
+        self,
+        num_source: int,
+        num_target: int,
+        num_samples: int,
+        generator: torch.Generator,
+        start: int = 0,
     ):
         if num_source <= 0 or num_target <= 0:
             raise ValueError(
@@ -37,37 +50,50 @@ class PairSampler(Sampler[tuple[int, int]]):
             )
         self.num_source, self.num_target = num_source, num_target
         self.num_samples = int(num_samples)
+        self.start = min(int(start), self.num_samples)
         self.generator = generator
 
     def _stream(self, n: int) -> Iterator[int]:
         while True:
             yield from torch.randperm(n, generator=self.generator).tolist()
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
         source, target = self._stream(self.num_source), self._stream(self.num_target)
-        for _ in range(self.num_samples):
-            yield next(source), next(target)
+        for k in range(self.num_samples):
+            pair = next(source), next(target)
+            if k >= self.start:
+                yield (*pair, k)
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.num_samples - self.start
 
 
 class PairedDataset(Dataset):
-    """Indexed by (source index, target index) pairs.
+    """Indexed by (source index, target index[, k]); with k, the augmentations of the item
+    (and Rare Class Sampling's draws) are reseeded from (seed, k) first.
 
     Items: ``source_image`` (3, H, W) float in [0, 1], ``source_label`` (H, W) int64,
     ``target_image`` (3, H', W') float, and ``target_label`` (H', W') int64 when the target
     set is labelled (only the oracle may use it).
     """
 
-    def __init__(self, source: Dataset, target: Dataset):
+    def __init__(self, source: Dataset, target: Dataset, seed: int = 0):
         self.source, self.target = source, target
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, pair: tuple[int, int]) -> dict:
-        i, j = pair
+    def __getitem__(self, pair: tuple[int, ...]) -> dict:
+        i, j = pair[:2]
+        if len(pair) > 2:
+            sample_seed = int(
+                np.random.SeedSequence([self.seed % 2**32, pair[2]]).generate_state(1)[0]
+            )
+            reseed_transforms(self, sample_seed)
+            for side in (self.source, self.target):
+                if hasattr(side, "reseed"):  # e.g. Rare Class Sampling
+                    side.reseed(sample_seed)
         s, t = self.source[i], self.target[j]
         item = {"source_image": s["image"], "source_label": s["label"], "target_image": t["image"]}
         if "label" in t:
@@ -124,6 +150,16 @@ class UDADataModule(L.LightningDataModule):
         self.persistent_workers = persistent_workers and num_workers > 0
         self.source_sampler_dataset = source_sampler_dataset
         self.num_train_samples = num_train_samples
+        # The data stream's seed: torch's global seed at construction, which Lightning's
+        # seed_everything sets (taken now: restoring a checkpoint's RNG state changes it).
+        self.seed = torch.initial_seed() % 2**63
+
+    def _consumed_samples(self) -> int:
+        """Samples the trainer has already used (non-zero when resuming from a checkpoint)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0
+        return trainer.global_step * trainer.accumulate_grad_batches * self.batch_size
 
     def _train_samples(self) -> int:
         if self.num_train_samples is not None:
@@ -136,14 +172,14 @@ class UDADataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         source = self.source_sampler_dataset or self.source_train
-        dataset = PairedDataset(source, self.target_train)
-        # Seeded from torch's global seed, which Lightning's seed_everything sets.
-        seed = torch.initial_seed() % 2**63
+        seed = self.seed
+        dataset = PairedDataset(source, self.target_train, seed=seed)
         sampler = PairSampler(
             len(source),
             len(self.target_train),
             self._train_samples(),
             generator=torch.Generator().manual_seed(seed),
+            start=self._consumed_samples(),
         )
         if self.num_workers == 0:  # no worker_init_fn runs: seed the transforms here
             reseed_transforms(dataset, seed)

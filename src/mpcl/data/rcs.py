@@ -133,6 +133,20 @@ def load_stats(directory: str | Path) -> ClassStats:
     return sample_class_stats, samples_with_class
 
 
+def cached_stats(dataset: SegmentationDataset, directory: str | Path | None = None) -> ClassStats:
+    """The dataset's statistics from ``directory``, computed and saved there on first use.
+
+    For generated data (the synthetic benchmark), which has no ``prepare`` step. ``directory``
+    defaults to the folder above the label folder (``<domain>/<split>``).
+    """
+    if not dataset.has_labels:
+        raise ValueError("Rare Class Sampling needs a labelled (source) dataset")
+    directory = Path(directory) if directory is not None else dataset.labels[0].parent.parent
+    if not (directory / SAMPLE_CLASS_STATS).is_file():
+        save_stats(compute_class_stats(dataset), directory)
+    return load_stats(directory)
+
+
 def class_frequencies(sample_class_stats: SampleClassStats) -> tuple[np.ndarray, np.ndarray]:
     """Total pixels per class over the set -> (classes (K,) int64, pixel counts (K,) int64),
     for the K classes present, in trainId order."""
@@ -279,6 +293,12 @@ class RareClassSamplingDataset(Dataset):
             self._rng = np.random.default_rng([self.seed, torch_seed])
             self._rng_seed = torch_seed
         return self._rng
+
+    def reseed(self, seed: int) -> None:
+        """Draw the next items from a generator seeded by (``self.seed``, seed): the data
+        module does this per sample so that a resumed run draws the same classes."""
+        self._rng = np.random.default_rng([self.seed, seed])
+        self._rng_seed = torch.initial_seed()
 
     def draw(self) -> tuple[dict, int]:
         """One rare-class sample -> (item dict, the drawn trainId c)."""

@@ -348,6 +348,7 @@ class UDAModule(L.LightningModule):
         for name, value in zip(self.class_names, iou, strict=True):
             self.log(f"val/IoU/{name}", 100 * value)
         self.last_val_iou = iou.cpu()
+        self.last_val_step = self.global_step
         if self.val_proto_iou is not None and self.val_proto_iou.update_count > 0:
             self.log("val/mIoU_prototype", 100 * miou(self.val_proto_iou.compute()))
         if self.val_proto_iou is not None:
