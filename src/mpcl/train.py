@@ -34,7 +34,7 @@ def build_student(cfg: DictConfig) -> torch.nn.Module:
     model_cfg = cfg.model.copy()
     if not cfg.prototype.get("learner"):
         _drop_key(model_cfg, "proto_head")
-    return instantiate(model_cfg)
+    return instantiate(model_cfg, _convert_="all")
 
 
 def _drop_key(node: DictConfig, key: str) -> None:
@@ -53,11 +53,12 @@ def _targets(group: DictConfig | None) -> list[DictConfig]:
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """Instantiate data module, LightningModule and Trainer from a composed config."""
-    datamodule = instantiate(cfg.data)
+    # _convert_="all": constructors get plain lists/dicts, which checkpoints can hold.
+    datamodule = instantiate(cfg.data, _convert_="all")
     student = build_student(cfg)
     learner = cfg.prototype.get("learner")
-    prototype = instantiate(learner) if learner else None
-    module = instantiate(cfg.uda, student=student, prototype=prototype)
+    prototype = instantiate(learner, _convert_="all") if learner else None
+    module = instantiate(cfg.uda, student=student, prototype=prototype, _convert_="all")
     loggers = [instantiate(c) for c in _targets(cfg.get("logger"))]
     callbacks = [instantiate(c) for c in _targets(cfg.get("callbacks"))]
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
@@ -87,9 +88,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
-    except (ConfigError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as e:
-        # Bad input gets one line naming the problem and the fix, not a traceback wall.
-        print(f"error: {_root_cause(e)}", file=sys.stderr)
+    except Exception as e:
+        # Bad input (missing paths, unwritable dirs, invalid values: OSError / ValueError,
+        # possibly wrapped by Hydra's instantiate) gets one line naming the problem and the
+        # fix, not a traceback wall. Anything else is a bug and keeps its traceback.
+        cause = _root_cause(e)
+        if not isinstance(cause, OSError | ValueError):
+            raise
+        message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     finally:
         _finish_wandb()
@@ -97,11 +104,11 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     return metrics.get(metric) if metric else None
 
 
-def _root_cause(e: BaseException) -> str:
-    """Hydra wraps errors raised in constructors; report the innermost message, one line."""
+def _root_cause(e: BaseException) -> BaseException:
+    """Hydra wraps errors raised in constructors: the innermost exception."""
     while e.__cause__ is not None:
         e = e.__cause__
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return e
 
 
 def _finish_wandb() -> None:

@@ -372,9 +372,11 @@ class UDAModule(L.LightningModule):
 
     # ------------------------------------------------------------------ exact resume
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Tensors and plain Python types only, so that weights_only loading accepts them.
+        name, keys, pos, has_gauss, cached = np.random.get_state()
         checkpoint["rng_states"] = {
             "torch": torch.get_rng_state(),
-            "numpy": np.random.get_state(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
             "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
@@ -384,7 +386,9 @@ class UDAModule(L.LightningModule):
         if states is None:
             return
         torch.set_rng_state(states["torch"])
-        np.random.set_state(states["numpy"])
-        random.setstate(states["python"])
+        name, keys, pos, has_gauss, cached = states["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        version, internal, gauss = states["python"]
+        random.setstate((version, tuple(internal), gauss))
         if states.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(states["cuda"])

@@ -1,0 +1,189 @@
+"""End to end: every experiment composes and runs a fast_dev_run on the CPU; prototypes turn
+on; resume is exact; multirun sweeps; bad input gets a one-line error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import EXPERIMENTS, TINY_SYNTHETIC, compose_train, subprocess_env
+from fake_trees import make_cityscapes, make_gta
+
+from mpcl.prepare import prepare
+from mpcl.train import build, train
+
+SYNTHETIC = [e for e in EXPERIMENTS if e.startswith("synthetic")]
+FULL_SIZE = [e for e in EXPERIMENTS if not e.startswith("synthetic")]
+
+
+@pytest.fixture(scope="session")
+def fake_data_dir(tmp_path_factory) -> Path:
+    """GTA and Cityscapes in their official layouts, prepared (trainIds + RCS statistics)."""
+    root = tmp_path_factory.mktemp("data")
+    make_gta(root / "gta", n=4)
+    make_cityscapes(root / "cityscapes", per_city=2)
+    prepare("gta", root / "gta")
+    prepare("cityscapes", root / "cityscapes")
+    return root
+
+
+def full_size_overrides(experiment: str, data_dir: Path) -> list[str]:
+    """The test-only scale-down of a full-size experiment: 1-block MiT stages, 64 px crops."""
+    multi = experiment.startswith(("hrda", "mic"))
+    model = "model.segmentor" if multi else "model"
+    out = [
+        f"experiment={experiment}",
+        f"paths.data_dir={data_dir}",
+        f"{model}.encoder.depths=[1,1,1,1]",
+        f"{model}.encoder.pretrained=null",
+        "benchmark.source_resize=[64,128]",
+        "benchmark.target_resize=[64,128]",
+        "benchmark.crop_size=64",
+        "benchmark.eval_resize=[64,128]",
+        "benchmark.rcs_min_pixels=5",
+        "trainer=cpu",
+        "data.num_workers=0",
+        "data.pin_memory=false",
+        "++prototype.feature_bank_size=380",
+    ]
+    if multi:
+        out += [
+            "model.hr_crop_size=[32,32]",
+            "model.hr_slide_window=[32,32]",
+            "model.hr_slide_stride=[16,16]",
+            "model.test_window=[64,128]",
+            "model.test_stride=[32,64]",
+        ]
+    if experiment.startswith("mic"):
+        out.append("uda.mic.block_size=16")
+    return out
+
+
+def _fast_dev_run(overrides: list[str], tmp_path: Path) -> None:
+    cfg = compose_train([*overrides, "debug=fdr"], tmp_path)
+    train(cfg)
+
+
+@pytest.mark.parametrize("experiment", SYNTHETIC)
+def test_synthetic_experiment_fast_dev_run(experiment, cache_dir, tmp_path):
+    _fast_dev_run(
+        [f"experiment={experiment}", f"paths.cache_dir={cache_dir}", *TINY_SYNTHETIC], tmp_path
+    )
+
+
+@pytest.mark.parametrize("experiment", FULL_SIZE)
+def test_full_size_experiment_fast_dev_run(experiment, fake_data_dir, tmp_path):
+    _fast_dev_run(full_size_overrides(experiment, fake_data_dir), tmp_path)
+
+
+@pytest.mark.parametrize("data", ["synthia2cs", "cs2acdc", "cs2darkzurich"])
+def test_other_benchmarks_compose(data, tmp_path):
+    cfg = compose_train(["experiment=mic_gaussian", f"data={data}"], tmp_path)
+    assert cfg.model._target_.endswith("HRDASegmentor")
+    assert cfg.benchmark.crop_size == 1024  # multi-resolution sizes follow the data config
+    if data == "synthia2cs":
+        assert cfg.benchmark.source_resize == [1520, 2560]
+        assert len(cfg.class_subsets.mIoU16) == 16 and len(cfg.class_subsets.mIoU13) == 13
+
+
+def test_paper_settings_of_mic_gaussian(tmp_path):
+    cfg = compose_train(["experiment=mic_gaussian"], tmp_path)
+    assert cfg.data.source_train._target_ == "mpcl.data.datasets.gta"
+    assert cfg.trainer.max_steps == 60000 and cfg.data.batch_size == 2
+    assert cfg.uda.lr == 6e-5 and cfg.uda.head_lr_mult == 10
+    assert cfg.uda.pseudo_threshold == 0.968 and cfg.uda.ema_alpha == 0.999
+    assert cfg.uda.mic.mask_ratio == 0.7 and cfg.uda.mic.block_size == 64
+    p = cfg.prototype
+    assert (p.type, p.K, p.dim, p.temperature) == ("gaussian", 5, 256, 0.1)
+    assert (p.lambda_contrast, p.lambda_consistency, p.lambda_d) == (0.1, 0.1, 0.1)
+    assert list(p.resolutions) == ["lr", "hr"] and p.feature_bank_size == 20000
+    assert cfg.trainer.precision == "bf16-mixed"
+
+
+def test_prototypes_initialise_and_losses_turn_on(cache_dir, tmp_path):
+    cfg = compose_train(
+        [
+            f"paths.cache_dir={cache_dir}",
+            *TINY_SYNTHETIC,
+            "trainer.max_steps=15",
+            "trainer.val_check_interval=15",
+            "callbacks.model_checkpoint.every_n_train_steps=15",
+        ],
+        tmp_path,
+    )
+    datamodule, module, trainer = build(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    assert bool(module.prototype.prototypes.initialized.any())
+    metrics = trainer.callback_metrics
+    assert float(metrics["train/loss_contrast"]) > 0
+    assert "val/mIoU_prototype" in metrics  # the prototype-based output is evaluated
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "csv" / "metrics.csv").is_file()
+
+
+def test_resume_is_exact(cache_dir, tmp_path):
+    """Resuming from the step-3 checkpoint reaches step 6 with the uninterrupted run's step,
+    learning rate, teacher, student and prototypes."""
+    common = [
+        f"paths.cache_dir={cache_dir}",
+        *TINY_SYNTHETIC,
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=6",
+        "callbacks.model_checkpoint.every_n_train_steps=3",
+        "evaluate=false",
+        "uda.warmup_steps=4",
+    ]
+
+    def run(out: Path, ckpt: Path | None = None):
+        extra = [f"ckpt_path={ckpt}"] if ckpt else []
+        cfg = compose_train([*common, *extra], out)
+        datamodule, module, trainer = build(cfg)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        return module, trainer
+
+    full, full_trainer = run(tmp_path / "full")
+    mid = tmp_path / "full" / "checkpoints" / "step_000003.ckpt"
+    assert mid.is_file()
+    resumed, resumed_trainer = run(tmp_path / "resumed", mid)
+    assert resumed_trainer.global_step == full_trainer.global_step == 6
+    lr = [g["lr"] for g in full_trainer.optimizers[0].param_groups]
+    assert [g["lr"] for g in resumed_trainer.optimizers[0].param_groups] == lr
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=f"{name} differs after resume")
+
+
+def test_multirun_sweeps_two_values(cache_dir, tmp_path):
+    cmd = [
+        sys.executable, "-m", "mpcl.train", "-m", "prototype.K=1,2", "debug=fdr",
+        f"paths.log_dir={tmp_path}", *TINY_SYNTHETIC,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=subprocess_env(cache_dir), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(tmp_path.glob("train/multiruns/*/*/.hydra/overrides.yaml"))
+    assert len(jobs) == 2
+    assert ["prototype.K=1" in j.read_text() for j in jobs] == [True, False]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["experiment=does_not_exist"], "unknown experiment 'does_not_exist': choose one of"),
+        (["prototype=banana"], "unknown prototype 'banana'"),
+        (["trainer.max_steps=-5"], "trainer.max_steps=-5 must be a positive"),
+        (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path=/nonexistent/last.ckpt does not exist"),
+        (["paths.cache_dir=/proc/mpcl-cache"], "is not writable"),
+        (["prototype.K=0"], "prototype.K=0 must be >= 1"),
+        (["prototype.temperature=0"], "prototype.temperature=0 must be > 0"),
+        (["prototype.type=banana"], "prototype.type='banana' is unknown"),
+    ],
+)
+def test_bad_input_gives_one_line_error(args, message, cache_dir, tmp_path):
+    cmd = [sys.executable, "-m", "mpcl.train", f"paths.log_dir={tmp_path}", *args]
+    proc = subprocess.run(cmd, env=subprocess_env(cache_dir), capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
