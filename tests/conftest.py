@@ -42,11 +42,12 @@ def _no_wandb_network(monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
 
 
-def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
-    """Compose ``conf/train.yaml`` as ``python -m mpcl.train`` would, outputs in output_dir."""
+def compose_train(overrides: list[str], output_dir: Path, config_name: str = "train") -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` as ``python -m mpcl.<entry>`` would, outputs in
+    output_dir."""
     GlobalHydra.instance().clear()
     with initialize_config_module("mpcl.conf", version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
         cfg.hydra.runtime.output_dir = str(output_dir)

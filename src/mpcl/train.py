@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -84,50 +86,51 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def _hydra_main(cfg: DictConfig) -> float | None:
+@contextmanager
+def report_error() -> Iterator[None]:
+    """Bad input (missing paths, unwritable dirs, invalid values: OSError / ValueError, possibly
+    wrapped by Hydra's instantiate) exits with one line naming the problem and the fix, not a
+    traceback wall. Anything else is a bug and keeps its traceback."""
     try:
-        metrics = train(cfg)
+        yield
     except Exception as e:
-        # Bad input (missing paths, unwritable dirs, invalid values: OSError / ValueError,
-        # possibly wrapped by Hydra's instantiate) gets one line naming the problem and the
-        # fix, not a traceback wall. Anything else is a bug and keeps its traceback.
-        cause = _root_cause(e)
+        cause = e
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
         if not isinstance(cause, OSError | ValueError):
             raise
-        message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        print(f"error: {message}", file=sys.stderr)
+        text = str(cause).strip()
+        print(f"error: {text.splitlines()[0] if text else type(cause).__name__}", file=sys.stderr)
         sys.exit(2)
     finally:
-        _finish_wandb()
-    metric = cfg.get("optimized_metric")
-    return metrics.get(metric) if metric else None
+        # Each multirun job must close its W&B run, or the next job logs into it.
+        if "wandb" in sys.modules:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish()
 
 
-def _root_cause(e: BaseException) -> BaseException:
-    """Hydra wraps errors raised in constructors: the innermost exception."""
-    while e.__cause__ is not None:
-        e = e.__cause__
-    return e
-
-
-def _finish_wandb() -> None:
-    # Each multirun job must close its W&B run, or the next job logs into it.
-    if "wandb" in sys.modules:
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish()
-
-
-def main() -> None:
+def run_cli(hydra_main: Callable[[], None]) -> None:
     """Console entry: check group choices first so a typo gets a one-line error."""
     try:
         check_overrides(sys.argv[1:], Path(__file__).parent / "conf")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    _hydra_main()
+    hydra_main()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    with report_error():
+        metrics = train(cfg)
+    metric = cfg.get("optimized_metric")
+    return metrics.get(metric) if metric else None
+
+
+def main() -> None:
+    run_cli(_hydra_main)
 
 
 if __name__ == "__main__":
