@@ -111,17 +111,25 @@ def test_prototypes_initialise_and_losses_turn_on(cache_dir, tmp_path):
             "trainer.max_steps=15",
             "trainer.val_check_interval=15",
             "callbacks.model_checkpoint.every_n_train_steps=15",
+            "logger=wandb",
         ],
         tmp_path,
     )
     datamodule, module, trainer = build(cfg)
     trainer.fit(module, datamodule=datamodule)
+    import wandb
+
+    wandb.finish()
     assert bool(module.prototype.prototypes.initialized.any())
     metrics = trainer.callback_metrics
     assert float(metrics["train/loss_contrast"]) > 0
     assert "val/mIoU_prototype" in metrics  # the prototype-based output is evaluated
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert (tmp_path / "csv" / "metrics.csv").is_file()
+    # Figures (paper Figs. 7, 8) as PNGs, and an offline W&B run that `wandb sync` can upload.
+    for name in ("predictions", "tsne", "activation_maps"):
+        assert (tmp_path / "figures" / f"{name}_step000015.png").is_file(), name
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 
 def test_resume_is_exact(cache_dir, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import lightning as L
 from omegaconf import DictConfig
@@ -36,5 +37,5 @@ def final_report(
         console.print(f"checkpoint: {ckpt}")
     for logger in trainer.loggers:
         if type(logger).__name__ == "WandbLogger":
-            run = logger.experiment
-            console.print(f"W&B run (offline): {run.dir}  -> upload with: wandb sync {run.dir}/..")
+            run_dir = Path(logger.experiment.dir).parent  # .../wandb/offline-run-<id>
+            console.print(f"W&B run (offline): {run_dir}\n  upload it later with: wandb sync {run_dir}")
