@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -95,3 +96,22 @@ def test_eval_rejects_missing_and_mismatched_checkpoints(trained, tmp_path):
     _, baseline, _ = build(cfg)
     with pytest.raises(ConfigError, match="does not match the configured model"):
         load_weights(baseline, ckpt)
+
+
+def test_notebook_draws_the_prototype_figures(trained, monkeypatch):
+    """Run the notebook's code cells on the trained checkpoint (headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    ckpt, overrides = trained
+    nb = json.loads((Path(__file__).parents[1] / "notebooks" / "prototypes.ipynb").read_text())
+    cells = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+    monkeypatch.chdir(ckpt.parents[1])  # any directory: RUN is set below
+    scope: dict = {}
+    exec(cells[0].split("# The newest run")[0], scope)
+    scope["RUN"] = ckpt.parents[1]
+    scope["OVERRIDES"] = overrides
+    for cell in cells[1:]:
+        exec(cell, scope)
+    assert set(scope["figures"]) == {"tsne", "activation_maps"}
+    assert scope["figures"]["tsne"].ndim == 3
