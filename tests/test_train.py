@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import EXPERIMENTS, TINY_SYNTHETIC, compose_train, subprocess_env
 from fake_trees import make_cityscapes, make_gta
+from hydra.types import RunMode
 
 from mpcl.prepare import prepare
 from mpcl.train import build, train
@@ -186,6 +187,8 @@ def test_multirun_sweeps_two_values(cache_dir, tmp_path):
         (["prototype.K=0"], "prototype.K=0 must be >= 1"),
         (["prototype.temperature=0"], "prototype.temperature=0 must be > 0"),
         (["prototype.type=banana"], "prototype.type='banana' is unknown"),
+        (["model.proto_head.proto_dim=64"], "64-dim features but prototype.dim=256"),
+        (["experiment=daformer_baseline", "paths.data_dir=/nonexistent"], "/nonexistent/gta"),
     ],
 )
 def test_bad_input_gives_one_line_error(args, message, cache_dir, tmp_path):
@@ -195,3 +198,26 @@ def test_bad_input_gives_one_line_error(args, message, cache_dir, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_hparams_search_sweeps_k_and_lambda(tmp_path):
+    cfg = compose_train(["hparams_search=prototype_k"], tmp_path)
+    params = cfg.hydra.sweeper.params
+    assert params["prototype.K"] == "1,3,5" and "prototype.lambda_contrast" in params
+    assert cfg.hydra.mode == RunMode.MULTIRUN
+
+
+def test_real_benchmark_batches_have_the_configured_crops_and_sizes(fake_data_dir, tmp_path):
+    cfg = compose_train(full_size_overrides("daformer_gaussian", fake_data_dir), tmp_path)
+    datamodule, _, _ = build(cfg)
+    datamodule.trainer = None
+    datamodule.num_train_samples = 4
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["source_image"].shape == (2, 3, 64, 64)
+    assert batch["source_label"].shape == (2, 64, 64)
+    assert batch["target_image"].shape == (2, 3, 64, 64)
+    assert "target_label" not in batch  # UDA never loads target train labels
+    labels = torch.unique(batch["source_label"])
+    assert bool(((labels < 19) | (labels == 255)).all())
+    val = datamodule.target_val[0]
+    assert val["image"].shape[-2:] == val["label"].shape == (24, 32)  # full label resolution

@@ -38,4 +38,6 @@ def final_report(
     for logger in trainer.loggers:
         if type(logger).__name__ == "WandbLogger":
             run_dir = Path(logger.experiment.dir).parent  # .../wandb/offline-run-<id>
-            console.print(f"W&B run (offline): {run_dir}\n  upload it later with: wandb sync {run_dir}")
+            console.print(
+                f"W&B run (offline): {run_dir}\n  upload it later with: wandb sync {run_dir}"
+            )

@@ -129,6 +129,17 @@ class UDAModule(L.LightningModule):
                 f"uda.prototype_domains={list(prototype_domains)}: choose a non-empty subset of "
                 f"{PROTOTYPE_DOMAINS}"
             )
+        if prototype is not None:
+            head = getattr(getattr(student, "segmentor", student), "proto_head", None)
+            if head is None:
+                raise ValueError(
+                    "prototypes need a model with a prototype head: set model.proto_head"
+                )
+            if head.proj.out_channels != prototype.dim:
+                raise ValueError(
+                    f"the prototype head gives {head.proj.out_channels}-dim features but "
+                    f"prototype.dim={prototype.dim}: set model...proto_head.proto_dim to match"
+                )
         self.save_hyperparameters(ignore=["student", "optimizer", "prototype"])
         self.student = student
         self.teacher = EMATeacher(student, ema_alpha) if method == "dacs" else None
