@@ -34,7 +34,9 @@ def job_summary(job: Path) -> dict | None:
     if not metrics.is_file() or not ckpt.is_file():
         return None  # still running or failed
     seed = next((o.split("=", 1)[1] for o in overrides if o.startswith("seed=")), "0")
-    config = " ".join(o for o in overrides if not o.startswith(("seed=", "task_name=", "callbacks.")))
+    config = " ".join(
+        o for o in overrides if not o.startswith(("seed=", "task_name=", "callbacks."))
+    )
     return {
         "config": config or "(default)",
         "seed": seed,
@@ -67,7 +69,9 @@ def main(dirs: list[str]) -> None:
         per_seed = ", ".join(f"{r['miou']:.1f}" for r in runs if r["miou"] is not None)
         minutes = statistics.mean(r["minutes"] for r in runs)
         seeds = ",".join(r["seed"] for r in runs)
-        print(f"| {config} | {seeds} | {_mean_std(mious)} | {per_seed} | {_mean_std(protos)} | {minutes:.1f} |")
+        print(
+            f"| {config} | {seeds} | {_mean_std(mious)} | {per_seed} | {_mean_std(protos)} | {minutes:.1f} |"
+        )
 
 
 if __name__ == "__main__":
