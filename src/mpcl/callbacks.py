@@ -12,6 +12,7 @@ import cv2
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 
 from mpcl.data.labels import CLASS_NAMES, IGNORE_INDEX, colorize
 from mpcl.prototypes import downsample_labels
@@ -145,3 +146,11 @@ class Figures(L.Callback):
                 },
                 step=step,
             )
+
+
+class IterationProgressBar(RichProgressBar):
+    """Rich progress bar labelled by iterations (training is iteration based: one epoch is
+    the whole run, so the bar's count and ETA are over ``max_steps``)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"train (max_steps={self.trainer.max_steps})"
