@@ -37,10 +37,13 @@ def job_summary(job: Path) -> dict | None:
     config = " ".join(
         o for o in overrides if not o.startswith(("seed=", "task_name=", "callbacks."))
     )
+    miou = final_metric(metrics, "val/mIoU")
+    if miou is None:
+        return None  # not validated yet
     return {
         "config": config or "(default)",
         "seed": seed,
-        "miou": final_metric(metrics, "val/mIoU"),
+        "miou": miou,
         "miou_proto": final_metric(metrics, "val/mIoU_prototype"),
         "minutes": (ckpt.stat().st_mtime - (job / ".hydra" / "config.yaml").stat().st_mtime) / 60,
     }

@@ -273,7 +273,7 @@ class UDAModule(L.LightningModule):
             probs = torch.softmax(self.teacher.model.predict(x_t).float(), dim=1)
             confidence, pseudo_label = probs.max(dim=1)  # (B, H, W)
             quality = (confidence >= hp.pseudo_threshold).float().mean()
-            pseudo_weight = torch.full_like(confidence, float(quality))
+            pseudo_weight = quality.expand_as(confidence).clone()  # no host sync
             if hp.pseudo_ignore_margins:
                 top, bottom, left, right = hp.pseudo_ignore_margins
                 h, w = pseudo_weight.shape[-2:]
@@ -299,7 +299,8 @@ class UDAModule(L.LightningModule):
         if self.prototype is not None:
             inputs = []
             if "source" in hp.prototype_domains:
-                inputs.append(self._proto_inputs(out_s, y_s, torch.ones_like(pseudo_weight)))
+                ones = torch.ones_like(y_s, dtype=torch.float32)  # source pixels: weight 1
+                inputs.append(self._proto_inputs(out_s, y_s, ones))
             if "mixed" in hp.prototype_domains:
                 inputs.append(self._proto_inputs(out_m, y_m, w_m))
             proto = self._prototype_loss(inputs)
