@@ -101,7 +101,12 @@ def test_paper_settings_of_mic_gaussian(tmp_path):
     assert (p.type, p.K, p.dim, p.temperature) == ("gaussian", 5, 256, 0.1)
     assert (p.lambda_contrast, p.lambda_consistency, p.lambda_d) == (0.1, 0.1, 0.1)
     assert list(p.resolutions) == ["lr", "hr"] and p.feature_bank_size == 20000
-    assert cfg.trainer.precision == "bf16-mixed"
+    expected = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+    assert cfg.trainer.precision == expected  # bf16 autocast on GPU, fp32 on CPU
+    assert (
+        compose_train(["experiment=mic_gaussian", "trainer=gpu"], tmp_path).trainer.precision
+        == "bf16-mixed"
+    )
 
 
 def test_prototypes_initialise_and_losses_turn_on(cache_dir, tmp_path):
