@@ -11,10 +11,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mpcl.data import synthetic
-from mpcl.data.base import SegmentationDataset
+from mpcl.data.base import SegmentationDataset, make_item
 from mpcl.data.datamodule import PairSampler, UDADataModule
 from mpcl.data.labels import IGNORE_INDEX
-from mpcl.data.transforms import reseed_transforms, seed_worker, train_transform, val_transform
+from mpcl.data.transforms import (
+    PAD_FILL,
+    reseed_transforms,
+    seed_worker,
+    train_transform,
+    val_transform,
+)
 
 TINY = dict(image_size=(64, 128), num_source_train=6, num_target_train=5, num_target_val=2)
 
@@ -40,9 +46,26 @@ def test_padding_fills_ignore():
     mask = np.full((40, 50), 3, np.uint8)
     out = t(image=image, mask=mask)
     assert out["mask"].shape == (64, 64)
-    # mmseg pads at the bottom/right: 0 for the image, ignore for the label.
+    # mmseg pads the normalised image with 0 (= the ImageNet mean colour), the label with
+    # ignore, at the bottom/right.
     assert (out["mask"][:40, :50] == 3).all() and (out["mask"][40:] == IGNORE_INDEX).all()
-    assert (out["mask"][:, 50:] == IGNORE_INDEX).all() and (out["image"][40:] == 0).all()
+    assert (out["mask"][:, 50:] == IGNORE_INDEX).all()
+    assert (out["image"][40:] == np.array(PAD_FILL, np.uint8)).all()
+
+
+def test_valid_mask_marks_padding_and_frame_borders():
+    """The target's ``valid`` mask is False on padding and on the pseudo-label margins,
+    which are set on the resized frame before cropping (HRDA's valid_pseudo_mask)."""
+    t = train_transform(
+        64, resize=(40, 64), scale=(1.0, 1.0), hflip=0.0, ignore_border=(2, 5, 3, 0)
+    )
+    image = np.full((20, 40, 3), 100, np.uint8)
+    item = make_item(image, None, "x", t)
+    valid = item["valid"].numpy()
+    assert valid.shape == (64, 64) and "label" not in item
+    assert not valid[40:].any()  # padding rows
+    assert not valid[:2].any() and not valid[35:40].any()  # top 2, bottom 5 of the 40-row frame
+    assert not valid[:, :3].any() and valid[2:35, 3:].all()  # left 3 columns
 
 
 def test_cat_max_ratio_recrops():
@@ -150,7 +173,7 @@ def test_datamodule_batches(datasets):
     loader = dm.train_dataloader()
     assert len(loader) == 3
     batch = next(iter(loader))
-    assert set(batch) == {"source_image", "source_label", "target_image", "target_label"}
+    assert set(batch) == {"source_image", "source_label", "target_image", "target_label", "target_valid"}
     assert (
         batch["source_image"].shape == (2, 3, 32, 64)
         and batch["source_image"].dtype == torch.float32

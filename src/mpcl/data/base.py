@@ -47,7 +47,8 @@ class SegmentationDataset(Dataset):
         label_reader: reads a label file into an (H, W) integer array (default: ``read_label``).
 
     Items are dicts: ``image`` (3, H, W) float32 in [0, 1], ``label`` (H, W) int64 with 255 =
-    ignore (only when labelled), ``name`` the image file stem.
+    ignore (only when labelled), ``valid`` (H, W) bool (False on padding and on ignored frame
+    borders, when the transform takes a ``valid`` mask), ``name`` the image file stem.
     """
 
     def __init__(
@@ -93,16 +94,28 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         image, label = self.load(index)
-        if self.transform is not None:
-            if label is None:
-                image = self.transform(image=image)["image"]
-            else:
-                out = self.transform(image=image, mask=label)
-                image, label = out["image"], out["mask"]
-        item = {
-            "image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0,
-            "name": self.images[index].stem,
-        }
+        return make_item(image, label, self.images[index].stem, self.transform)
+
+
+def make_item(
+    image: np.ndarray, label: np.ndarray | None, name: str, transform: Callable | None
+) -> dict:
+    """Transform (image (H, W, 3) uint8, label (H, W) uint8 or None) into a dataset item."""
+    valid = None
+    if transform is not None:
+        targets = {"image": image}
         if label is not None:
-            item["label"] = torch.from_numpy(np.ascontiguousarray(label)).long()
-        return item
+            targets["mask"] = label
+        if "valid" in getattr(transform, "additional_targets", {}):
+            targets["valid"] = np.zeros(image.shape[:2], np.uint8)
+        out = transform(**targets)
+        image, label, valid = out["image"], out.get("mask", label), out.get("valid")
+    item = {
+        "image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0,
+        "name": name,
+    }
+    if label is not None:
+        item["label"] = torch.from_numpy(np.ascontiguousarray(label)).long()
+    if valid is not None:
+        item["valid"] = torch.from_numpy(np.ascontiguousarray(valid)) == 0
+    return item

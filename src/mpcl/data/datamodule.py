@@ -73,7 +73,8 @@ class PairedDataset(Dataset):
     (and Rare Class Sampling's draws) are reseeded from (seed, k) first.
 
     Items: ``source_image`` (3, H, W) float in [0, 1], ``source_label`` (H, W) int64,
-    ``target_image`` (3, H', W') float, and ``target_label`` (H', W') int64 when the target
+    ``target_image`` (3, H', W') float, ``target_valid`` (H', W') bool (False on padding and
+    ignored borders) when the transform gives it, and ``target_label`` (H', W') int64 when the target
     set is labelled (only the oracle may use it).
     """
 
@@ -96,6 +97,8 @@ class PairedDataset(Dataset):
                     side.reseed(sample_seed)
         s, t = self.source[i], self.target[j]
         item = {"source_image": s["image"], "source_label": s["label"], "target_image": t["image"]}
+        if "valid" in t:  # padding / ignored borders of the target crop
+            item["target_valid"] = t["valid"]
         if "label" in t:
             item["target_label"] = t["label"]
         return item

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mpcl.data.base import SegmentationDataset
+from mpcl.data.base import SegmentationDataset, make_item
 from mpcl.data.labels import NUM_CLASSES, map_ids
 
 log = logging.getLogger(__name__)
@@ -180,15 +180,6 @@ def class_probabilities(freq: np.ndarray, temperature: float = 0.01) -> np.ndarr
     return p / p.sum()
 
 
-def _to_item(image: np.ndarray, label: np.ndarray, name: str) -> dict:
-    """(H, W, 3) uint8 image, (H, W) uint8 label -> the ``SegmentationDataset`` item dict."""
-    return {
-        "image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0,
-        "name": name,
-        "label": torch.from_numpy(np.ascontiguousarray(label)).long(),
-    }
-
-
 class RareClassSamplingDataset(Dataset):
     """Wraps a labelled source dataset; each item is a rare-class-biased random crop.
 
@@ -309,15 +300,13 @@ class RareClassSamplingDataset(Dataset):
         # Read once, crop up to max_tries times (DAFormer re-reads the files for every try).
         image, label = self.dataset.load(index)
         transform = self.dataset.transform
+        name = self.dataset.images[index].stem
         tries = self.max_tries if transform is not None and self.min_crop_ratio > 0 else 1
         for _ in range(tries):
-            crop, crop_label = image, label
-            if transform is not None:
-                out = transform(image=image, mask=label)
-                crop, crop_label = out["image"], out["mask"]
-            if int((crop_label == c).sum()) > self.min_pixels * self.min_crop_ratio:
+            item = make_item(image, label, name, transform)
+            if int((item["label"] == c).sum()) > self.min_pixels * self.min_crop_ratio:
                 break
-        return _to_item(crop, crop_label, self.dataset.images[index].stem), c
+        return item, c
 
     def __getitem__(self, index: int) -> dict:
         return self.draw()[0]

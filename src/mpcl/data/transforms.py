@@ -96,14 +96,61 @@ class CatMaxRatioCrop(A.RandomCrop):
         return ("height", "width", "cat_max_ratio")
 
 
+# mmseg pads the *normalised* image with 0, i.e. with the ImageNet mean colour.
+PAD_FILL = (124, 116, 104)
+
+# Every Compose carries a second mask, ``valid`` (0 = valid pixel, 255 = padding or ignored
+# border), so the UDA module can keep padded and border pixels out of the pseudo-label losses.
+VALID_TARGET = {"valid": "mask"}
+
+
+class IgnoreBorder(A.DualTransform):
+    """Mark frame borders as ignore (255) in the masks: the pseudo-label margins of
+    DAFormer/HRDA for Cityscapes targets (ego-vehicle hood, rectification borders), set on
+    the resized full frame, before cropping. The image is unchanged.
+
+    Args:
+        top, bottom, left, right: border widths in pixels of the (resized) frame.
+    """
+
+    class InitSchema(A.DualTransform.InitSchema):
+        top: int = 0
+        bottom: int = 0
+        left: int = 0
+        right: int = 0
+
+    def __init__(
+        self, top: int = 0, bottom: int = 0, left: int = 0, right: int = 0, p: float = 1.0
+    ):
+        super().__init__(p=p)
+        self.top, self.bottom, self.left, self.right = top, bottom, left, right
+
+    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        return img
+
+    def apply_to_mask(self, mask: np.ndarray, **params: Any) -> np.ndarray:
+        mask = mask.copy()
+        h, w = mask.shape[:2]
+        mask[: self.top] = IGNORE_INDEX
+        mask[h - self.bottom :] = IGNORE_INDEX if self.bottom else mask[h:]
+        mask[:, : self.left] = IGNORE_INDEX
+        mask[:, w - self.right :] = IGNORE_INDEX if self.right else mask[:, w:]
+        return mask
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("top", "bottom", "left", "right")
+
+
 def train_transform(
     crop_size: int | Sequence[int],
     resize: Sequence[int] | None = None,
     scale: Sequence[float] = (0.5, 2.0),
     hflip: float = 0.5,
     cat_max_ratio: float = 1.0,
+    ignore_border: Sequence[int] | None = None,
 ) -> A.Compose:
-    """Training pipeline: resize -> random rescale -> pad -> random crop -> horizontal flip.
+    """Training pipeline: resize -> [ignore border] -> random rescale -> pad -> random crop ->
+    horizontal flip.
 
     Args:
         crop_size: crop (H, W), or one int for a square crop.
@@ -112,11 +159,14 @@ def train_transform(
         hflip: probability of a horizontal flip.
         cat_max_ratio: re-crop (up to 10 draws) while one class exceeds this fraction of the
             crop; 1.0 disables it. DAFormer uses 0.75 for source crops.
+        ignore_border: (top, bottom, left, right) pixels of the resized frame marked invalid
+            in the masks (pseudo-label margins of Cityscapes targets), or None.
 
     Returns:
         A Compose mapping image (H, W, 3) uint8 + mask (H, W) uint8 to a (crop_h, crop_w) crop.
-        Padding (when the rescaled image is smaller than the crop) is 0 for the image and 255
-        (ignore) for the mask, at the bottom/right as in mmseg.
+        Padding (when the rescaled image is smaller than the crop) is the ImageNet mean colour
+        for the image and 255 (ignore) for the masks, at the bottom/right as in mmseg. The
+        Compose also takes a ``valid`` mask (0 = valid) that padding and borders set to 255.
     """
     ch, cw = _pair(crop_size)
     steps: list = []
@@ -125,6 +175,8 @@ def train_transform(
         steps.append(
             A.Resize(rh, rw, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST)
         )
+    if ignore_border:
+        steps.append(IgnoreBorder(*(int(v) for v in ignore_border)))
     lo, hi = float(scale[0]), float(scale[1])
     if (lo, hi) != (1.0, 1.0):
         steps.append(
@@ -141,14 +193,14 @@ def train_transform(
             min_width=cw,
             position="top_left",
             border_mode=cv2.BORDER_CONSTANT,
-            fill=0,
+            fill=PAD_FILL,
             fill_mask=IGNORE_INDEX,
         )
     )
     steps.append(CatMaxRatioCrop(ch, cw, cat_max_ratio=cat_max_ratio))
     if hflip > 0:
         steps.append(A.HorizontalFlip(p=hflip))
-    return A.Compose(steps)
+    return A.Compose(steps, additional_targets=VALID_TARGET)
 
 
 def val_transform(resize: Sequence[int] | None = None) -> A.Compose:
@@ -163,7 +215,7 @@ def val_transform(resize: Sequence[int] | None = None) -> A.Compose:
         steps.append(
             A.Resize(rh, rw, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST)
         )
-    return A.Compose(steps)
+    return A.Compose(steps, additional_targets=VALID_TARGET)
 
 
 def find_composes(obj: Any) -> list[A.BaseCompose]:

@@ -74,8 +74,6 @@ class UDAModule(L.LightningModule):
         max_steps, warmup_steps, warmup_ratio, poly_power: the iteration-based schedule.
         lr, head_lr_mult, weight_decay: AdamW groups (encoder lr, heads x10, no decay on norms).
         ema_alpha: teacher momentum ceiling. pseudo_threshold: theta of Eq. 16.
-        pseudo_ignore_margins: (top, bottom, left, right) pixels of the target crop whose
-            pseudo-labels get weight 0 (DAFormer/HRDA border rule for Cityscapes targets).
         strong_augment: colour jitter + blur on the mixed (and masked) image.
         mic: None, or dict(block_size, mask_ratio, weight, augment) for masked consistency.
         feature_distance: None, or dict(weight, min_ratio) for ImageNet Feature Distance; a
@@ -104,7 +102,6 @@ class UDAModule(L.LightningModule):
         weight_decay: float = 0.01,
         ema_alpha: float = 0.999,
         pseudo_threshold: float = 0.968,
-        pseudo_ignore_margins: Sequence[int] | None = None,
         strong_augment: bool = True,
         mic: dict | None = None,
         feature_distance: dict | None = None,
@@ -258,6 +255,7 @@ class UDAModule(L.LightningModule):
             if "fused" in out_s:  # HRDA: Feature Distance on the low-resolution context
                 ctx = F.interpolate(x_s, scale_factor=self.student.lr_scale, mode="bilinear")
             with torch.no_grad():
+                self.imagenet_encoder.eval()  # a fixed reference: no drop-path
                 imnet = self.imagenet_encoder(self._segmentor().normalize(ctx))[-1]
             fd = feature_distance_loss(
                 out_s["encoder_features"][-1],
@@ -274,13 +272,8 @@ class UDAModule(L.LightningModule):
             confidence, pseudo_label = probs.max(dim=1)  # (B, H, W)
             quality = (confidence >= hp.pseudo_threshold).float().mean()
             pseudo_weight = quality.expand_as(confidence).clone()  # no host sync
-            if hp.pseudo_ignore_margins:
-                top, bottom, left, right = hp.pseudo_ignore_margins
-                h, w = pseudo_weight.shape[-2:]
-                pseudo_weight[:, :top] = 0
-                pseudo_weight[:, h - bottom :] = 0
-                pseudo_weight[:, :, :left] = 0
-                pseudo_weight[:, :, w - right :] = 0
+            if "target_valid" in batch:  # padding and ignored frame borders get weight 0
+                pseudo_weight = pseudo_weight * batch["target_valid"]
         logs["quality_weight"] = quality
 
         # ClassMix: paste half of the source classes onto the target.
@@ -309,10 +302,13 @@ class UDAModule(L.LightningModule):
 
         # MIC: masked target, trained on the unmasked target's pseudo-labels.
         if self.mic:
-            keep = block_mask(x_t, self.mic["block_size"], self.mic["mask_ratio"])
-            x_k = x_t * keep
+            x_k = x_t
             if self.mic.get("augment", True) and self.strong_augment is not None:
                 x_k = self.strong_augment(x_k)
+            # As MIC: augment first, then blank blocks to the ImageNet mean (0 once normalised).
+            keep = block_mask(x_t, self.mic["block_size"], self.mic["mask_ratio"])
+            mean = self._segmentor().mean
+            x_k = keep * x_k + (1 - keep) * mean
             loss_masked = self._seg_loss(self._forward_train(x_k), pseudo_label, pseudo_weight)
             loss = loss + self.mic["weight"] * loss_masked
             logs["loss_masked"] = loss_masked
