@@ -173,7 +173,13 @@ def test_datamodule_batches(datasets):
     loader = dm.train_dataloader()
     assert len(loader) == 3
     batch = next(iter(loader))
-    assert set(batch) == {"source_image", "source_label", "target_image", "target_label", "target_valid"}
+    assert set(batch) == {
+        "source_image",
+        "source_label",
+        "target_image",
+        "target_label",
+        "target_valid",
+    }
     assert (
         batch["source_image"].shape == (2, 3, 32, 64)
         and batch["source_image"].dtype == torch.float32
