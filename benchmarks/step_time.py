@@ -26,10 +26,9 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from mpcl.train import build_student
+from mpcl.train import build_module
 
 
 def compose_experiment(experiment: str, overrides: list[str]):
@@ -64,10 +63,8 @@ def _model_overrides(experiment: str, tiny: bool, crop: int | None) -> list[str]
 
 def build(experiment: str, overrides: list[str], device: torch.device):
     cfg = compose_experiment(experiment, overrides)
-    student = build_student(cfg)
-    learner = cfg.prototype.get("learner")
-    prototype = instantiate(learner, _convert_="all") if learner else None
-    module = instantiate(cfg.uda, student=student, prototype=prototype, _convert_="all").to(device)
+    module = build_module(cfg).to(device)
+    prototype = module.prototype
     optimizer = module.configure_optimizers()["optimizer"]
     module.log = lambda *a, **k: None  # no Trainer: logging is a no-op
     module.optimizers = lambda: optimizer

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from mpcl.config import ConfigError
 from mpcl.data.labels import TRAIN_ID_TO_CITYSCAPES_ID, colorize
 from mpcl.eval import load_weights
-from mpcl.train import build_student, report_error, run_cli
+from mpcl.train import build_module, report_error, run_cli
 
 
 def predict_dataset(cfg: DictConfig):
@@ -50,10 +50,7 @@ def predict(cfg: DictConfig) -> Path:
     if not cfg.get("ckpt_path"):
         raise ConfigError("ckpt_path is required: python -m mpcl.predict ckpt_path=<file.ckpt>")
     L.seed_everything(cfg.seed)
-    student = build_student(cfg)
-    learner = cfg.prototype.get("learner")
-    prototype = instantiate(learner, _convert_="all") if learner else None
-    module = instantiate(cfg.uda, student=student, prototype=prototype, _convert_="all")
+    module = build_module(cfg)
     load_weights(module, cfg.ckpt_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     module.to(device).eval()

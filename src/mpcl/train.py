@@ -39,6 +39,14 @@ def build_student(cfg: DictConfig) -> torch.nn.Module:
     return instantiate(model_cfg, _convert_="all")
 
 
+def build_module(cfg: DictConfig) -> L.LightningModule:
+    """The UDA LightningModule: student (+ prototype head), EMA teacher and prototypes."""
+    student = build_student(cfg)
+    learner = cfg.prototype.get("learner")
+    prototype = instantiate(learner, _convert_="all") if learner else None
+    return instantiate(cfg.uda, student=student, prototype=prototype, _convert_="all")
+
+
 def _drop_key(node: DictConfig, key: str) -> None:
     with open_dict(node):
         for k in list(node.keys()):
@@ -57,10 +65,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     """Instantiate data module, LightningModule and Trainer from a composed config."""
     # _convert_="all": constructors get plain lists/dicts, which checkpoints can hold.
     datamodule = instantiate(cfg.data, _convert_="all")
-    student = build_student(cfg)
-    learner = cfg.prototype.get("learner")
-    prototype = instantiate(learner, _convert_="all") if learner else None
-    module = instantiate(cfg.uda, student=student, prototype=prototype, _convert_="all")
+    module = build_module(cfg)
     loggers = [instantiate(c) for c in _targets(cfg.get("logger"))]
     callbacks = [instantiate(c) for c in _targets(cfg.get("callbacks"))]
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)

@@ -186,6 +186,39 @@ def prepared_label_path(raw: Path) -> Path:
 # The factories.
 
 
+def _flat_dataset(
+    name: str,
+    title: str,
+    root: str | Path,
+    image_dir: str,
+    label_dir: str,
+    split: str,
+    transform: Callable | None,
+    prepared: bool,
+    labelled: bool,
+    table: np.ndarray,
+    raw_reader: Callable[[str | Path], np.ndarray],
+) -> SegmentationDataset:
+    """A synthetic-source layout: ``<image_dir>/X.png`` with ``<label_dir>/X.png``, no split."""
+    root = _check_root(root, title, f"{image_dir}/ and {label_dir}/")
+    what = f"split ({name.upper()} has no official split: train = all)"
+    _check_choice(split, ("train",), what, title)
+    images = _find_images(_check_dir(root, image_dir, title), "*.png", title, recursive=False)
+    if not labelled:
+        return SegmentationDataset(images, None, transform)
+    lab_dir = _check_dir(root, label_dir, title)
+    return _labelled(
+        title,
+        images,
+        [lab_dir / p.name for p in images],
+        f"python -m mpcl.prepare {name} --root {root}",
+        prepared=prepared,
+        transform=transform,
+        table=table,
+        raw_reader=raw_reader,
+    )
+
+
 def gta(
     root: str | Path,
     split: str = "train",
@@ -199,24 +232,10 @@ def gta(
     from their image; ``SegmentationDataset.load`` resizes those labels (nearest neighbour).
     Prepared labels: ``labels/*_labelTrainIds.png``.
     """
-    title = "GTA5"
-    root = _check_root(root, title, "images/ and labels/")
-    _check_choice(split, ("train",), "split (GTA has no official split: train = all)", title)
-    images = _find_images(_check_dir(root, "images", title), "*.png", title, recursive=False)
-    if not labelled:
-        return SegmentationDataset(images, None, transform)
-    lab_dir = _check_dir(root, "labels", title)
-    raw = [lab_dir / p.name for p in images]
-    return _labelled(
-        title,
-        images,
-        raw,
-        f"python -m mpcl.prepare gta --root {root}",
-        prepared=prepared,
-        transform=transform,
-        table=CITYSCAPES_ID_TO_TRAIN_ID,
-        raw_reader=read_id_label,
-    )
+    return _flat_dataset(
+        "gta", "GTA5", root, "images", "labels", split, transform, prepared, labelled,
+        CITYSCAPES_ID_TO_TRAIN_ID, read_id_label,
+    )  # fmt: skip
 
 
 def synthia(
@@ -231,24 +250,10 @@ def synthia(
     No official split: ``split="train"`` is all images. Prepared labels:
     ``GT/LABELS/*_labelTrainIds.png``.
     """
-    title = "SYNTHIA"
-    root = _check_root(root, title, "RGB/ and GT/LABELS/")
-    _check_choice(split, ("train",), "split (SYNTHIA has no official split: train = all)", title)
-    images = _find_images(_check_dir(root, "RGB", title), "*.png", title, recursive=False)
-    if not labelled:
-        return SegmentationDataset(images, None, transform)
-    lab_dir = _check_dir(root, "GT/LABELS", title)
-    raw = [lab_dir / p.name for p in images]
-    return _labelled(
-        title,
-        images,
-        raw,
-        f"python -m mpcl.prepare synthia --root {root}",
-        prepared=prepared,
-        transform=transform,
-        table=SYNTHIA_ID_TO_TRAIN_ID,
-        raw_reader=read_synthia_label,
-    )
+    return _flat_dataset(
+        "synthia", "SYNTHIA", root, "RGB", "GT/LABELS", split, transform, prepared, labelled,
+        SYNTHIA_ID_TO_TRAIN_ID, read_synthia_label,
+    )  # fmt: skip
 
 
 def cityscapes(
