@@ -67,6 +67,9 @@ LADDER: dict[str, tuple[str, list[str]]] = {
     "queue_early": ("items 1+2", [MPCL, "prototype.bank_mode=queue", "prototype.early_start=true"]),
     "consistency_mixed": ("item 3", [MPCL, "uda.consistency_domains=[mixed]"]),
     "contrast_source": ("item 3", [MPCL, "uda.contrast_domains=[source]"]),
+    # Issue #14: a tiny randomly initialised DINOv2-style ViT instead of MiT-B0.
+    "vfm_baseline": ("issue 14", ["experiment=synthetic_vfm_baseline"]),
+    "vfm_gaussian": ("issue 14", ["experiment=synthetic_vfm_gaussian"]),
 }
 
 
