@@ -90,11 +90,13 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     loggers = [instantiate(c) for c in _targets(cfg.get("logger"))]
     callbacks = [instantiate(c) for c in _targets(cfg.get("callbacks"))]
     callbacks += [DivergenceGuard(), InterruptGuard(), RunConfig(cfg), ProgressLog()]
+    # Added to the config's plugins (e.g. trainer=ddp_sim's BatchNorm sync), not in their place.
+    plugins = [instantiate(p) for p in cfg.trainer.get("plugins") or []]
     trainer = instantiate(
         cfg.trainer,
         logger=loggers or False,
         callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[*plugins, AtomicCheckpointIO()],
     )
     return datamodule, module, trainer
 
