@@ -11,7 +11,10 @@ on the union batch (N times the per-GPU ``data.batch_size``):
   launcher's environment, so it is right before the process group exists too).
 - *Batch statistics*: BatchNorm sees the union batch (``sync_batchnorm`` on GPUs;
   :class:`GlobalBatchNorm` on CPU processes, where torch's SyncBatchNorm refuses to run).
-  The prototype statistics and Sinkhorn assignment are all-reduced by ``mpcl.prototypes``.
+  The prototype statistics and Sinkhorn assignment are all-reduced by ``mpcl.prototypes``;
+  the pseudo-label quality weight is the union batch's (:func:`mean_over_ranks`).
+- *Random choices* of the step (ClassMix classes, colour jitter and blur, MIC blocks) are
+  drawn for the union batch on every rank and each keeps its own rows (:func:`rank_rand`).
 """
 
 from __future__ import annotations
@@ -53,6 +56,43 @@ def global_rank() -> int:
 
 def is_rank_zero() -> bool:
     return global_rank() == 0
+
+
+def _world() -> tuple[int, int]:
+    """(world size, rank) of the initialised process group, else (1, 0)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def rank_rand(
+    local_batch: int, *shape: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``torch.rand(local_batch, *shape)`` on the CPU: this rank's rows of one draw for the
+    union batch.
+
+    Every rank draws the numbers of all ``world_size x local_batch`` images from its
+    generator (seeded alike on every rank, and advanced alike since every rank draws the same
+    shapes) and keeps rows ``rank x local_batch ...``: the random choices of N ranks are those
+    of one process on the union batch, whose rank r holds images r x B ... (r + 1) x B - 1.
+    """
+    world, rank = _world()
+    u = torch.rand(world * local_batch, *shape, generator=generator, device="cpu")
+    return u[rank * local_batch : (rank + 1) * local_batch]
+
+
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """The mean of ``value`` over ranks (itself in one process); no gradient.
+
+    The mean of per-rank means is the union batch's mean when every rank averages over the
+    same number of elements (equal per-rank batches and crops, as the data module ensures).
+    """
+    world, _ = _world()
+    if world == 1:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value)
+    return value / world
 
 
 @contextmanager

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpcl.distributed import rank_rand
 from mpcl.models.segmentor import IMAGENET_MEAN
 from mpcl.uda.mixing import host_to_device
 
@@ -26,8 +27,7 @@ def block_mask(
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"uda.mic.mask_ratio={ratio} must be in [0, 1)")
     b, _, h, w = images.shape
-    grid = (b, 1, -(-h // block_size), -(-w // block_size))
-    keep = torch.rand(grid, generator=generator, device="cpu") > ratio
+    keep = rank_rand(b, 1, -(-h // block_size), -(-w // block_size), generator=generator) > ratio
     keep = host_to_device(keep.float(), images.device)
     keep = F.interpolate(keep, scale_factor=block_size, mode="nearest")
     return keep[..., :h, :w]

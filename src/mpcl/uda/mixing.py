@@ -6,7 +6,8 @@ pseudo-label, and the mixed quality weight is w_M = w_T * (1 - M) + 1 * M.
 
 Everything here runs as batched tensor ops on the images' device without a host sync: the
 random choices are drawn on the CPU generator (torch's global RNG unless one is given, so an
-exact resume reproduces them) and copied to the device once, never read back.
+exact resume reproduces them) and copied to the device once, never read back. Under DDP they
+are drawn for the union batch and each rank keeps its images' rows (``rank_rand``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mpcl.data.labels import NUM_CLASSES
+from mpcl.distributed import rank_rand
 
 # torchvision's ITU-R 601-2 luma weights (rgb_to_grayscale), as its ColorJitter uses them.
 _LUMA = (0.2989, 0.587, 0.114)
@@ -62,9 +64,7 @@ def class_mix_mask(
     bins = torch.where((flat >= 0) & (flat < num_classes), flat, num_classes)
     present = torch.zeros(b, num_classes + 1, dtype=torch.bool, device=labels.device)
     present = present.scatter_(1, bins, True)[:, :num_classes]  # (B, C) class histogram > 0
-    keys = host_to_device(
-        torch.rand(b, num_classes, generator=generator, device="cpu"), labels.device
-    )
+    keys = host_to_device(rank_rand(b, num_classes, generator=generator), labels.device)
     keys = keys.masked_fill(~present, 2.0)  # absent classes rank after all present ones
     rank = keys.argsort(dim=1).argsort(dim=1)  # (B, C) position in a random order
     half = (present.sum(dim=1, keepdim=True) + 1) // 2  # ceil(n / 2)
@@ -175,7 +175,7 @@ class StrongAugment:
             blur (B,) bool; sigma (B,).
         """
         s = self.color_jitter
-        u = torch.rand(batch_size, 11, generator=generator, device="cpu")
+        u = rank_rand(batch_size, 11, generator=generator)
         low = torch.tensor([1.0 - s, 1.0 - s, 1.0 - s, -s], device="cpu")
         return {
             "jitter": u[:, 0] < self.color_jitter_p,

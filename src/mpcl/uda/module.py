@@ -28,6 +28,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.seed import reset_seed
 from torch import nn
 
 from mpcl.data.labels import CLASS_NAMES, NUM_CLASSES
@@ -307,6 +308,13 @@ class UDAModule(L.LightningModule):
         }
 
     # ------------------------------------------------------------------ exact resume
+    def setup(self, stage: str) -> None:
+        # Lightning's DDP reseeds each rank here (after the model was built); do the same in one
+        # process, so that N ranks draw the step's random choices from the same stream as one
+        # process on the union batch. A resumed run then restores its saved RNG states.
+        if stage == "fit":
+            reset_seed()
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Tensors and plain Python types only, so that weights_only loading accepts them.
         name, keys, pos, has_gauss, cached = np.random.get_state()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from mpcl.distributed import mean_over_ranks
+
 
 @torch.no_grad()
 def pseudo_label(
@@ -12,7 +14,7 @@ def pseudo_label(
     """Hard pseudo-labels and the quality weight w_T of DACS/DAFormer (Eq. 16).
 
     The quality weight is one scalar per batch: the share of pixels whose teacher confidence
-    reaches ``threshold``; every target pixel gets it (padding and ignored frame borders,
+    reaches ``threshold`` (under DDP: of the union batch); every target pixel gets it (padding and ignored frame borders,
     ``valid`` = 0, get 0). No host sync: the scalar stays on the device.
 
     Args:
@@ -25,7 +27,7 @@ def pseudo_label(
     """
     probs = torch.softmax(logits.float(), dim=1)
     confidence, labels = probs.max(dim=1)  # (B, H, W)
-    quality = (confidence >= threshold).float().mean()
+    quality = mean_over_ranks((confidence >= threshold).float().mean())
     weights = quality.expand_as(confidence).clone()
     if valid is not None:
         weights = weights * valid
