@@ -232,6 +232,19 @@ def test_pair_sampler_start_skips_the_stream_prefix():
     assert [k for *_, k in full] == list(range(12))
 
 
+def test_pair_sampler_replays_its_epoch_and_moves_on_with_the_next():
+    """A second iterator of the same epoch gives the same pairs (Lightning may restart the
+    iterator when it resumes: with a continuing generator the resumed run once trained on
+    other pairs); set_epoch gives new pairs and sample ids."""
+    sampler = PairSampler(5, 3, 12, torch.Generator().manual_seed(0), start=4)
+    first, again = list(sampler), list(sampler)
+    assert first == again
+    sampler.set_epoch(1)
+    second_epoch = list(sampler)
+    assert [p[:2] for p in second_epoch] != [p[:2] for p in first]
+    assert [k for *_, k in second_epoch] == list(range(16, 24))
+
+
 def test_datamodule_unlabelled_target_and_workers(datasets):
     source, target, val = datasets
     unlabelled = SegmentationDataset(target.images, None, transform=train_transform(48))

@@ -37,10 +37,13 @@ class PairSampler(Sampler[tuple[int, int, int]]):
     """Yields (source index, target index, k) for k in [start, num_samples) with
     k % world_size == rank, independently shuffled.
 
-    Each side walks through fresh random permutations of its own length, drawn from
-    ``generator``; the first ``start`` pairs are drawn and skipped (resume). Iterating again
-    continues the stream (a new epoch gives new pairs). Every rank draws the whole stream
-    (same generator) and keeps its share.
+    Each side walks through fresh random permutations of its own length, drawn from a
+    generator seeded with ``generator``'s initial seed; the first ``start`` pairs are drawn
+    and skipped (resume). The stream is a function of that seed and the epoch alone: every
+    iteration of one epoch replays the same pairs (Lightning may start an iterator, discard
+    its prefetched samples and start another when it resumes), a new epoch (``set_epoch``,
+    which Lightning calls) gives new pairs and sample ids ``k + epoch x num_samples``. Every
+    rank draws the whole stream and keeps its share. ``len`` is the share of the whole epoch.
     """
 
     def __init__(
@@ -60,26 +63,38 @@ class PairSampler(Sampler[tuple[int, int, int]]):
         self.num_source, self.num_target = num_source, num_target
         self.num_samples = int(num_samples)
         self.start = min(int(start), self.num_samples)
-        self.generator = generator
+        self.seed = generator.initial_seed() if generator is not None else torch.initial_seed()
+        self.epoch = 0
         self.rank, self.world_size = int(rank), int(world_size)
 
-    def _stream(self, n: int) -> Iterator[int]:
-        while True:
-            yield from torch.randperm(n, generator=self.generator).tolist()
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _generator(self) -> torch.Generator:
+        if self.epoch == 0:
+            return torch.Generator().manual_seed(self.seed)
+        seed = np.random.SeedSequence([self.seed % 2**63, self.epoch]).generate_state(2)
+        return torch.Generator().manual_seed(int(seed[0]) << 32 | int(seed[1]))
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
-        source, target = self._stream(self.num_source), self._stream(self.num_target)
+        generator = self._generator()
+
+        def stream(n: int) -> Iterator[int]:
+            while True:
+                yield from torch.randperm(n, generator=generator).tolist()
+
+        source, target = stream(self.num_source), stream(self.num_target)
+        offset = self.epoch * self.num_samples
         for k in range(self.num_samples):
             pair = next(source), next(target)
             if k >= self.start and k % self.world_size == self.rank:
-                yield (*pair, k)
+                yield (*pair, k + offset)
 
     def __len__(self) -> int:
-        return len(range(self.start, self.num_samples)[self._offset() :: self.world_size])
-
-    def _offset(self) -> int:
-        """Position of this rank's first sample in range(start, num_samples)."""
-        return (self.rank - self.start) % self.world_size
+        # The whole epoch's share, ``start`` included: a resumed Lightning loop restores how
+        # many batches of the epoch were done and runs len - done more, which this iterator
+        # gives from ``start`` on. (Counting from ``start`` ended the resumed epoch early.)
+        return len(range(self.rank, self.num_samples, self.world_size))
 
 
 class ShardSampler(Sampler[int]):
