@@ -56,6 +56,8 @@ def test_the_trainer_keeps_the_configs_plugins(cache_dir, tmp_path):
     _, _, trainer = build(cfg)
     assert isinstance(trainer.strategy._layer_sync, SyncBatchNormAnyDevice)
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    # Each rank's feature bank is its own (bank_mode=queue): no broadcast of rank 0's buffers.
+    assert trainer.strategy._ddp_kwargs["broadcast_buffers"] is False
 
 
 @pytest.mark.parametrize("world", [2, 3])
