@@ -53,18 +53,7 @@ CPU_RANDOM_SYNCS: dict[tuple[str, str, str], str] = {
     ): "HRDA's random detail crop: int() of a CPU torch.randint",
 }
 
-# The one sync left in src/mpcl/prototypes/: the selection of the pixels of initialised
-# classes (a data-dependent shape). Removing it means carrying all N pixels, masked, through
-# Sinkhorn and both losses; until then it is allowed here, one per step and resolution.
-PENDING_PROTOTYPE_SYNCS: dict[tuple[str, str, str], str] = {
-    (
-        "aten.nonzero",
-        "prototypes/module.py:forward",
-        "active = torch.nonzero(labelled & initialized[y_safe]).squeeze(1)",
-    ): "pixels of initialised classes",
-}
-
-ALLOWED = CPU_RANDOM_SYNCS | PENDING_PROTOTYPE_SYNCS
+ALLOWED = CPU_RANDOM_SYNCS
 
 _aten = torch.ops.aten
 SYNC_OPS = {

@@ -395,25 +395,28 @@ class PrototypeLearning(nn.Module):
         )
         y_safe = torch.where(labelled, y, torch.zeros_like(y))
         initialized = self.prototypes.initialized
-        # Pixels of classes without prototypes yet take no part in the losses.
-        active = torch.nonzero(labelled & initialized[y_safe]).squeeze(1)
-        x_act, y_act, w_act = x[active], y[active], w[active]
+        # Pixels of classes without prototypes yet take no part: a mask, not a selection (a
+        # data-dependent shape would make the host wait for the device every step). They are
+        # clustered in an extra, discarded group and weigh 0 in the losses and the update.
+        active = labelled & initialized[y_safe]  # (N,)
+        w_act = w * active
 
-        sim = self.prototypes.similarity(x_act)  # (Na, C, K)
-        assignment, positive = self._assign(sim.detach(), y_act)
+        sim = self.prototypes.similarity(x)  # (N, C, K)
+        assignment, positive = self._assign(sim.detach(), y_safe, active)
         # Each loss on its own pixels (its domains); the clustering above used them all.
-        pixels_c = self._loss_pixels(contrast_pixels, labels, active)
+        w_c, n_c = self._loss_weights(contrast_pixels, labels, active, w_act)
         loss_contrast = contrastive_loss(
-            sim[pixels_c],
-            positive[pixels_c],
-            w_act[pixels_c],
+            sim,
+            positive,
+            w_c,
             self.temperature,
             initialized,
             in_class_negatives=self.in_class_negatives,
+            num_pixels=n_c,
         )
-        pixels_s = self._loss_pixels(consistency_pixels, labels, active)
+        w_s, n_s = self._loss_weights(consistency_pixels, labels, active, w_act)
         loss_consistency = consistency_loss(
-            sim[pixels_s], positive[pixels_s], w_act[pixels_s], self.temperature, initialized
+            sim, positive, w_s, self.temperature, initialized, num_pixels=n_s
         )
         loss = self.lambda_contrast * loss_contrast + self.lambda_consistency * loss_consistency
 
@@ -424,7 +427,7 @@ class PrototypeLearning(nn.Module):
                     bank.add(x.detach()[usable], y[usable])
                     self._update_from_queue(bank)
                 else:
-                    self._update_prototypes(x_act.detach(), positive, w_act)
+                    self._update_prototypes(x.detach(), positive, w_act)
                 fill = self.bank_mode == "init"  # the queue is already filled
                 self._initialize_classes(bank, x.detach(), y_safe, usable, fill)
 
@@ -433,23 +436,26 @@ class PrototypeLearning(nn.Module):
             "loss_contrast": loss_contrast.detach(),
             "loss_consistency": loss_consistency.detach(),
         }
-        out.update(self._diagnostics(sim.detach(), y_act, assignment, positive))
+        out.update(self._diagnostics(sim.detach(), y_safe, active, assignment, positive))
         if self.early_start:  # classes whose refined K-Means has run
             out["num_refined"] = self.refined.sum().float()
         return out
 
     @staticmethod
-    def _loss_pixels(
-        mask: torch.Tensor | None, labels: torch.Tensor, active: torch.Tensor
-    ) -> torch.Tensor | slice:
-        """Rows of the active pixels that feed a loss: (Na,) bool, or all (a slice)."""
+    def _loss_weights(
+        mask: torch.Tensor | None, labels: torch.Tensor, active: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-pixel weights (N,) of one loss (0 outside its pixels) and its pixel count
+        (a 0-dim tensor: the loss's 1/N over the active pixels it sees; at least 1, so that
+        no active pixel gives a loss of 0)."""
         if mask is None:
-            return slice(None)
+            return weights, active.sum().clamp_min(1)
         if mask.shape != labels.shape:
             raise ValueError(
                 f"loss pixel masks must match labels {tuple(labels.shape)}, got {tuple(mask.shape)}"
             )
-        return mask.reshape(-1).bool()[active]
+        rows = mask.reshape(-1).bool() & active
+        return weights * rows, rows.sum().clamp_min(1)
 
     def _feature_bank(self, resolution: str | None) -> FeatureBank:
         name = self.resolutions[0] if resolution is None else resolution
@@ -461,23 +467,28 @@ class PrototypeLearning(nn.Module):
         return self.feature_banks[name]
 
     @torch.no_grad()
-    def _assign(self, sim: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _assign(
+        self, sim: torch.Tensor, labels: torch.Tensor, active: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sinkhorn clustering of each class's pixels onto its own K prototypes.
 
         Args:
-            sim: (Na, C, K) similarities.
-            labels: (Na,) class of each pixel (the clustering groups).
+            sim: (N, C, K) similarities.
+            labels: (N,) class of each pixel in [0, C) (the clustering groups).
+            active: (N,) bool, the pixels to cluster (None: all); the others form an extra
+                group whose assignment is meaningless and must be masked out by the caller.
 
         Returns:
-            soft assignment Q (Na, K) and the positive prototype index (Na,) in [0, C*K).
+            soft assignment Q (N, K) and the positive prototype index (N,) in [0, C*K).
         """
-        own = sim[torch.arange(len(labels), device=sim.device), labels]  # (Na, K)
+        own = sim[torch.arange(len(labels), device=sim.device), labels]  # (N, K)
+        groups = labels if active is None else torch.where(active, labels, self.num_classes)
         assignment = sinkhorn(
             own,
             self.epsilon,
             self.sinkhorn_iters,
-            groups=labels,
-            num_groups=self.num_classes,
+            groups=groups,
+            num_groups=self.num_classes + 1,
             distributed=self.training,  # training steps run on every rank: union-batch Q
         )
         positive = labels * self.K + assignment.argmax(1)
@@ -606,37 +617,39 @@ class PrototypeLearning(nn.Module):
         self,
         sim: torch.Tensor,
         labels: torch.Tensor,
+        active: torch.Tensor,
         assignment: torch.Tensor,
         positive: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """Detached scalars for logging (local to this rank)."""
+        """Detached scalars for logging (local to this rank), over the ``active`` pixels.
+
+        sim (N, C, K), labels (N,), active (N,) bool, assignment (N, K), positive (N,).
+        """
         device = sim.device
         num_initialized = self.prototypes.initialized.sum().float()
-        zero = torch.zeros((), device=device)
-        if len(labels) == 0:
-            return {
-                "num_initialized": num_initialized,
-                "num_pixels": zero,
-                "assignment_entropy": zero,
-                "prototype_usage": zero,
-                "proto_accuracy": zero,
-            }
+        num_pixels = active.sum().float()
+        on = active.float()
         entropy = -(assignment * torch.log(assignment.clamp_min(1e-12))).sum(1)
         max_entropy = math.log(self.K) if self.K > 1 else 1.0
-        # Scatters, not bincount / boolean indexing: no host sync for a logged number.
-        used = torch.zeros(self.num_classes * self.K, dtype=torch.bool, device=device)
-        used = used.index_fill(0, positive, True).view(self.num_classes, self.K)
-        present = torch.zeros(self.num_classes, dtype=torch.bool, device=device)
-        present = present.index_fill(0, labels, True)
+        # Scatters into an extra, dropped slot for inactive pixels; no bincount / boolean
+        # indexing: no host sync for a logged number.
+        num_total = self.num_classes * self.K
+        slot = torch.where(active, positive, num_total)
+        used = torch.zeros(num_total + 1, dtype=torch.bool, device=device)
+        used = used.index_fill(0, slot, True)[:num_total].view(self.num_classes, self.K)
+        present = torch.zeros(self.num_classes + 1, dtype=torch.bool, device=device)
+        present = present.index_fill(0, torch.where(active, labels, self.num_classes), True)
+        present = present[: self.num_classes]
         usage = (used.float().mean(1) * present).sum() / present.sum().clamp_min(1)
         scores = class_scores(sim).masked_fill(~self.prototypes.initialized, float("-inf"))
-        accuracy = (scores.argmax(1) == labels).float().mean()
+        correct = (scores.argmax(1) == labels).float()
+        denominator = num_pixels.clamp_min(1)
         return {
             "num_initialized": num_initialized,
-            "num_pixels": torch.full((), float(len(labels)), device=device),  # no H2D copy
-            "assignment_entropy": entropy.mean() / max_entropy,
+            "num_pixels": num_pixels,
+            "assignment_entropy": (entropy * on).sum() / denominator / max_entropy,
             "prototype_usage": usage,
-            "proto_accuracy": accuracy,
+            "proto_accuracy": (correct * on).sum() / denominator,
         }
 
 

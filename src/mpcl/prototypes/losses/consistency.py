@@ -27,6 +27,8 @@ def consistency_loss(
     weights: torch.Tensor,
     temperature: float,
     valid_classes: torch.Tensor | None = None,
+    *,
+    num_pixels: torch.Tensor | int | None = None,
 ) -> torch.Tensor:
     """Weighted cross-entropy of the prototype posterior P(c | F) = softmax_c(g(c, F) / tau).
 
@@ -40,7 +42,9 @@ def consistency_loss(
         weights: (N,) per-pixel weights.
         temperature: tau > 0.
         valid_classes: (C,) bool, classes that take part in the softmax (initialised
-            ones); every label must be valid. None means all.
+            ones); the label of every row of non-zero weight must be valid. None means all.
+        num_pixels: the N that divides the sum (default: the rows passed); rows of weight 0
+            add nothing, as in ``contrastive_loss``.
 
     Returns:
         Scalar loss (0 with a gradient path when N = 0).
@@ -49,7 +53,9 @@ def consistency_loss(
         return similarity.sum() * 0.0
     labels = positive // similarity.shape[2]  # (N,) class of the assigned prototype
     logits = class_scores(similarity) / temperature  # (N, C)
-    if valid_classes is not None:
-        logits = logits.masked_fill(~valid_classes[None, :], float("-inf"))
+    if valid_classes is not None:  # rows of weight 0 keep every class: a finite 0 * nll
+        invalid = ~valid_classes[None, :] & (weights != 0)[:, None]
+        logits = logits.masked_fill(invalid, float("-inf"))
     nll = F.cross_entropy(logits, labels, reduction="none")  # (N,)
-    return (weights.to(nll.dtype) * nll).sum() / similarity.shape[0]
+    n = similarity.shape[0] if num_pixels is None else num_pixels
+    return (weights.to(nll.dtype) * nll).sum() / n
