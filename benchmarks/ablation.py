@@ -5,8 +5,9 @@
     # run rows x seeds one after the other (skips finished runs), then summarise
     python benchmarks/ablation.py --root /tmp/abl --rows baseline gaussian queue early \\
         --seeds 0 1 2 --run
-    # summarise what is there (default), e.g. the whole ladder with 5 seeds
-    python benchmarks/ablation.py --root /tmp/abl --seeds 0 1 2 3 4
+    # summarise what is there (default), e.g. the whole ladder with 5 seeds, and keep the
+    # per-run values
+    python benchmarks/ablation.py --root /tmp/abl --seeds 0 1 2 3 4 --csv runs.csv
 
 Each run is ``python -m mpcl.train <row overrides> <--extra> seed=N hydra.run.dir=ROOT/ROW_N``;
 its final ``val/mIoU`` (and ``val/mIoU_prototype``) is read from ROOT/ROW_N/csv/metrics.csv.
@@ -201,6 +202,26 @@ def summarise(root: Path, rows: list[str], seeds: list[int], baseline: str) -> l
     return lines
 
 
+def write_csv(root: Path, rows: list[str], seeds: list[int], path: Path) -> int:
+    """One line per finished run (row, group, seed, val/mIoU, val/mIoU_prototype, overrides):
+    the raw numbers behind the tables, to keep beside them. Returns the number of runs."""
+    written = 0
+    with path.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["row", "group", "seed", "miou", "miou_prototype", "overrides"])
+        for name, seed in itertools.product(rows, seeds):
+            metrics = root / f"{name}_{seed}" / "csv" / "metrics.csv"
+            miou = final_metric(metrics, "val/mIoU")
+            if miou is None:
+                continue
+            proto = final_metric(metrics, "val/mIoU_prototype")
+            group, overrides = LADDER[name]
+            out.writerow([name, group, seed, f"{miou:.4f}",
+                          "" if proto is None else f"{proto:.4f}", " ".join(overrides)])  # fmt: skip
+            written += 1
+    return written
+
+
 def _mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
@@ -216,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--extra", nargs="*", default=[], help="overrides for every run")
     parser.add_argument("--run", action="store_true", help="train missing runs first")
     parser.add_argument("--list", action="store_true", help="print the rows and exit")
+    parser.add_argument("--csv", type=Path, help="also write every finished run's values here")
     args = parser.parse_args(argv)
     if args.list:
         for name, (group, overrides) in LADDER.items():
@@ -227,6 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.run:
         run(args.root, args.rows, args.seeds, args.extra)
     print("\n".join(summarise(args.root, args.rows, args.seeds, args.baseline)))
+    if args.csv:
+        write_csv(args.root, args.rows, args.seeds, args.csv)
 
 
 if __name__ == "__main__":

@@ -59,3 +59,14 @@ def test_summary_pairs_by_seed(tmp_path):
 def test_every_row_names_known_overrides():
     for name, (_, overrides) in ablation.LADDER.items():
         assert overrides and all("=" in o for o in overrides), name
+
+
+def test_csv_lists_each_finished_run(tmp_path):
+    _fake_run(tmp_path, "baseline", 0, 20.5)
+    _fake_run(tmp_path, "queue", 1, 21.25)
+    out = tmp_path / "runs.csv"
+    assert ablation.write_csv(tmp_path, ["baseline", "queue"], [0, 1], out) == 2
+    lines = out.read_text().splitlines()
+    assert lines[0] == "row,group,seed,miou,miou_prototype,overrides"
+    assert lines[1] == "baseline,Table VI,0,20.5000,,experiment=synthetic_baseline"
+    assert lines[2].startswith("queue,item 1,1,21.2500,,experiment=synthetic_gaussian ")
