@@ -174,7 +174,7 @@ def summarise(root: Path, rows: list[str], seeds: list[int], baseline: str) -> l
 
     base = values(baseline)
     lines = [
-        "| row | group | seeds | per seed | mIoU mean ± std | vs baseline (paired) | "
+        f"| row | group | seeds | per seed | mIoU mean ± std | vs {baseline} (paired) | "
         "t-test p | sign-flip p | prototype-output mIoU |",
         "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
