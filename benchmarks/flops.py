@@ -197,11 +197,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = [
         count_flops(e, args.overrides, args.crop, args.tiny, args.device) for e in args.experiments
     ]
-    baselines = {
-        r["experiment"].rsplit("_", 1)[0]: r["total"]
-        for r in rows
-        if r["experiment"].endswith("baseline")
-    }
     g = 1e-9
     print(
         f"torch {torch.__version__}, FlopCounterMode on {args.device} tensors, batch 2; "
@@ -212,13 +207,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "FD encoder | augment | prototypes | MPCL extra | TFLOP/s | % of peak |"
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        base = baselines.get(r["experiment"].rsplit("_", 1)[0])
-        extra = (
-            f"{100 * (r['total'] / base - 1):+.1f}%"
-            if base and not r["experiment"].endswith("baseline")
-            else "-"
-        )
+    for r, extra in zip(rows, step_time.overheads(rows, "total"), strict=True):
         tflops = r["total"] / args.s_per_iter / 1e12
         r["tflops"], r["peak_fraction"] = tflops, tflops / args.peak_tflops
         print(

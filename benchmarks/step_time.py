@@ -116,6 +116,22 @@ def time_iterations(
     return times
 
 
+def overheads(rows: list[dict], key: str) -> list[str]:
+    """Per row, ``key`` against the same framework's ``*_baseline`` row ("+12.3%"), or "-"
+    (a baseline itself, or no baseline measured)."""
+    baselines = {
+        r["experiment"].rsplit("_", 1)[0]: r[key]
+        for r in rows
+        if r["experiment"].endswith("baseline")
+    }
+    out = []
+    for r in rows:
+        base = baselines.get(r["experiment"].rsplit("_", 1)[0])
+        is_baseline = r["experiment"].endswith("baseline")
+        out.append(f"{100 * (r[key] / base - 1):+.1f}%" if base and not is_baseline else "-")
+    return out
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -156,24 +172,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         del module, optimizer
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    baselines = {
-        r["experiment"].rsplit("_", 1)[0]: r["s_iter"]
-        for r in rows
-        if r["experiment"].endswith("baseline")
-    }
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(
         f"device: {name}, torch {torch.__version__}, {args.iters} timed iterations after {args.warmup}"
     )
     print("| experiment | crop | s/iter (median) | peak GB | MPCL overhead | hours / 60k iters |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        base = baselines.get(r["experiment"].rsplit("_", 1)[0])
-        overhead = (
-            f"{100 * (r['s_iter'] / base - 1):+.1f}%"
-            if base and not r["experiment"].endswith("baseline")
-            else "-"
-        )
+    for r, overhead in zip(rows, overheads(rows, "s_iter"), strict=True):
         r["overhead"] = overhead
         print(
             f"| {r['experiment']} | {r['crop']} | {r['s_iter']:.3f} | {r['peak_gb']:.1f} | {overhead} | "

@@ -145,16 +145,21 @@ def hydra_error_line(error: Exception, candidates: Iterable[str] = ()) -> str:
     """One line for Hydra's multi-line composition errors; an unknown key gets the closest
     valid keys (``candidates``, e.g. ``config_keys`` of the config without the bad override)."""
     text = str(error).strip()
+    candidates = list(candidates)
+
+    def close_to(key: str) -> list[str]:
+        return difflib.get_close_matches(key, [c for c in candidates if c != key], 3, 0.6)
+
     m = re.match(r"Could not override '([^']+)'", text)
     if m:
         key = m.group(1)
-        close = difflib.get_close_matches(key, [c for c in candidates if c != key], 3, 0.6)
+        close = close_to(key)
         hint = f"did you mean {' or '.join(close)}? " if close else ""
         return f"unknown config key '{key}': {hint}(a new key needs a +: +{key}=...)"
     m = re.match(r"Could not delete from config\. '([^']+)' does not exist", text)
     if m:
         key = m.group(1)
-        close = difflib.get_close_matches(key, [c for c in candidates if c != key], 3, 0.6)
+        close = close_to(key)
         hint = f": did you mean {' or '.join(close)}?" if close else ""
         return f"cannot delete unknown config key '{key}'{hint}"
     lines = []
