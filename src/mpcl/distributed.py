@@ -13,8 +13,9 @@ on the union batch (N times the per-GPU ``data.batch_size``):
   :class:`GlobalBatchNorm` on CPU processes, where torch's SyncBatchNorm refuses to run).
   The prototype statistics and Sinkhorn assignment are all-reduced by ``mpcl.prototypes``;
   the pseudo-label quality weight is the union batch's (:func:`mean_over_ranks`).
-- *Random choices* of the step (ClassMix classes, colour jitter and blur, MIC blocks) are
-  drawn for the union batch on every rank and each keeps its own rows (:func:`rank_rand`).
+- *Random choices* of the step (ClassMix classes, colour jitter and blur, MIC blocks, the
+  feature bank's picks) are drawn for the union batch on every rank and each keeps its own
+  rows (:func:`rank_rand`).
 """
 
 from __future__ import annotations
@@ -79,6 +80,18 @@ def rank_rand(
     world, rank = _world()
     u = torch.rand(world * local_batch, *shape, generator=generator, device="cpu")
     return u[rank * local_batch : (rank + 1) * local_batch]
+
+
+def host_to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy CPU random numbers to ``device`` without blocking the host.
+
+    A plain ``.to("cuda")`` of pageable memory synchronises the stream (the host waits for all
+    queued GPU work); a pinned buffer copies asynchronously (the caching host allocator keeps
+    it alive until the copy is done).
+    """
+    if device.type == "cuda":
+        return values.pin_memory().to(device, non_blocking=True)
+    return values.to(device)
 
 
 def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:

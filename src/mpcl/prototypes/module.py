@@ -424,7 +424,7 @@ class PrototypeLearning(nn.Module):
             with torch.no_grad():
                 usable = labelled & (w > 0)
                 if self.bank_mode == "queue":
-                    bank.add(x.detach()[usable], y[usable])
+                    bank.add(x.detach(), y_safe, usable)
                     self._update_from_queue(bank)
                 else:
                     self._update_prototypes(x.detach(), positive, w_act)
@@ -580,8 +580,7 @@ class PrototypeLearning(nn.Module):
         initialized = self.prototypes.initialized
         waiting = ~self.refined if self.early_start else ~initialized
         if fill:
-            keep = usable & waiting[labels]
-            bank.add(features[keep], labels[keep])
+            bank.add(features, labels, usable & waiting[labels])
         stored = sum(b.count for b in self.feature_banks.values())  # (C,) over resolutions
         ready = ~initialized & (stored >= self.min_init_features)
         if self.early_start:  # the refined start, once the class slot is full

@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpcl.distributed import rank_rand
+from mpcl.distributed import host_to_device, rank_rand
 from mpcl.models.segmentor import IMAGENET_MEAN
-from mpcl.uda.mixing import host_to_device
 
 
 def block_mask(

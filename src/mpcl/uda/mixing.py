@@ -19,23 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from mpcl.data.labels import NUM_CLASSES
-from mpcl.distributed import rank_rand
+from mpcl.distributed import host_to_device, rank_rand
 
 # torchvision's ITU-R 601-2 luma weights (rgb_to_grayscale), as its ColorJitter uses them.
 _LUMA = (0.2989, 0.587, 0.114)
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # ColorJitter's operations, in its numbering
-
-
-def host_to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy CPU random numbers to ``device`` without blocking the host.
-
-    A plain ``.to("cuda")`` of pageable memory synchronises the stream (the host waits for all
-    queued GPU work); a pinned buffer copies asynchronously (the caching host allocator keeps
-    it alive until the copy is done).
-    """
-    if device.type == "cuda":
-        return values.pin_memory().to(device, non_blocking=True)
-    return values.to(device)
 
 
 def class_mix_mask(
