@@ -72,8 +72,9 @@ class FeatureBank(nn.Module):
         features = features.detach().to(self.features.dtype)
         num_classes, m = self.num_classes, self.max_per_step
         # Masked-out pixels go to an extra class C, which is never written.
-        keep = torch.ones_like(labels, dtype=torch.bool) if mask is None else mask.bool()
-        classes = torch.where(keep, labels.long(), torch.full_like(labels, num_classes).long())
+        classes = labels.long()
+        if mask is not None:
+            classes = torch.where(mask.bool(), classes, num_classes)
         # Random keys of the union batch (as DDP ranks draw them: one process and N ranks
         # keep the same random stream), then a stable sort by class: each class's pixels in
         # a random order.
