@@ -166,6 +166,7 @@ def test_prototypes_initialise_and_losses_turn_on(cache_dir, tmp_path):
             "trainer.max_steps=15",
             "trainer.val_check_interval=15",
             "callbacks.model_checkpoint.every_n_train_steps=15",
+            "callbacks.debug_images.every_n_steps=15",
             "logger=wandb",
         ],
         tmp_path,
@@ -184,6 +185,9 @@ def test_prototypes_initialise_and_losses_turn_on(cache_dir, tmp_path):
     # Figures (paper Figs. 7, 8) as PNGs, and an offline W&B run that `wandb sync` can upload.
     for name in ("predictions", "tsne", "activation_maps"):
         assert (tmp_path / "figures" / f"{name}_step000015.png").is_file(), name
+    # The debug grid of step 15 with the prototype activation maps (DAFormer runs write it
+    # every 1000 steps: this path once crashed every run that reached step 1000).
+    assert (tmp_path / "debug" / "step_000015_prototype_maps.png").is_file()
     assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 

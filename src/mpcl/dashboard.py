@@ -284,14 +284,14 @@ class DebugImages(L.Callback):
             return None
         from mpcl.viz import prototype_activation_maps
 
-        image = images[key][:1]
-        segmentor = module._segmentor()
-        was_training = segmentor.training
-        segmentor.eval()  # no dropout, running BatchNorm statistics: a pure read
+        image = images[key][:1]  # (1, 3, H, W) in [0, 1]
+        student = module.student
+        was_training = student.training
+        student.eval()  # no dropout, running BatchNorm statistics: a pure read
         try:
-            features = segmentor(image)["features"]
+            features = student.predict_features(image)  # (1, D, H/4, W/4)
         finally:
-            segmentor.train(was_training)
+            student.train(was_training)
         sim = prototype.prototype_similarity(features)[0]  # (C, K, h, w)
         label_key = f"{key}_label"
         present = prototype.prototypes.initialized.nonzero().squeeze(1).tolist()
