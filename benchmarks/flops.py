@@ -164,7 +164,7 @@ def count_flops(
     # The math attention path everywhere: meta tensors take it anyway, and the CPU's fused
     # kernel has no FLOP formula.
     with sdpa_kernel(SDPBackend.MATH), counter:
-        loss = module.training_step(batch, 0)
+        loss = module.training_step(batch, 0)["loss"]
         forward = counter.get_total_flops()
         loss.backward()
         total = counter.get_total_flops()

@@ -28,7 +28,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from mpcl.train import build_module
+from mpcl.run.build import build_module
 
 
 def compose_experiment(experiment: str, overrides: list[str]):
@@ -105,7 +105,7 @@ def time_iterations(
             torch.cuda.synchronize()
         start = time.perf_counter()
         with autocast:
-            loss = module.training_step(batch, i)
+            loss = module.training_step(batch, i)["loss"]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -84,8 +84,8 @@ def _with_callback(callback) -> None:
 
     build = mpcl.train.build
 
-    def patched(cfg):
-        datamodule, module, trainer = build(cfg)
+    def patched(cfg, *args):
+        datamodule, module, trainer = build(cfg, *args)
         trainer.callbacks.insert(0, callback)
         return datamodule, module, trainer
 

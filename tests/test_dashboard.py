@@ -12,7 +12,7 @@ import torch
 from conftest import compose_train, tiny_synthetic
 from wandb_records import read_run
 
-from mpcl.dashboard import WandbExtras, debug_grid
+from mpcl.monitor.dashboard import WandbExtras, debug_grid
 from mpcl.train import train
 
 
@@ -41,7 +41,7 @@ def test_offline_wandb_run_has_the_config_and_images_at_the_global_step(cache_di
     train(cfg)
     import wandb
 
-    wandb.finish()  # flush the run (the CLI does it in mpcl.train.report_error)
+    wandb.finish()  # flush the run (the CLI does it in mpcl.run.cli.report_error)
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
     run = read_run(run_dir)
     # The whole resolved config, not only the module's hyperparameters.
@@ -113,7 +113,7 @@ def test_final_checkpoint_is_an_artifact_only_online(offline, tmp_path, monkeypa
 
 
 def test_run_name_and_group_come_from_hydra(tmp_path):
-    from mpcl.dashboard import run_group, run_name
+    from mpcl.monitor.dashboard import run_group, run_name
 
     compose_train(["prototype.K=3", "seed=1", "paths.log_dir=/x"], tmp_path)
     assert run_name() == "synthetic_gaussian prototype.K=3 seed=1"

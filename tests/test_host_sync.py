@@ -36,7 +36,7 @@ from conftest import compose_train, tiny_synthetic
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mpcl
-from mpcl.train import build_module
+from mpcl.run.build import build_module
 
 # Syncs that only read CPU-side random numbers: free on a GPU, nothing waits for the device.
 # (op, "file:function" under src/mpcl, the source line) -> why it is harmless.
@@ -193,14 +193,14 @@ def count_step_syncs(experiment: str, overrides: list[str], output_dir: Path) ->
     step = 0
     while step == 0 or not initialized.all():  # K-Means runs in the step that fills a class
         assert step < 3, f"{experiment}: 3 warm-up steps left classes without prototypes"
-        module.training_step(batch, step).backward()
+        module.training_step(batch, step)["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
     counter = HostSyncCounter()
     with torch.autograd.set_detect_anomaly(True, check_nan=False):  # forward stacks
         with counter:
-            module.training_step(batch, step).backward()
+            module.training_step(batch, step)["loss"].backward()
     return counter
 
 

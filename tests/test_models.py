@@ -557,7 +557,7 @@ def test_training_state_dict_loads_without_proto_head() -> None:
 def test_bad_checkpoint_is_one_line_on_the_cli(tmp_path: Path, capsys) -> None:
     from hydra.utils import instantiate
 
-    from mpcl.train import report_error
+    from mpcl.run.cli import report_error
 
     path = tmp_path / "dinov2_vits14_pretrain.pth"
     path.write_bytes(b"<html>404 Not Found</html>")  # what a failed download leaves behind

@@ -15,7 +15,7 @@ from fake_trees import make_acdc
 
 from mpcl.data.labels import colorize
 from mpcl.predict import overlay, predict
-from mpcl.train import build_module
+from mpcl.run.build import build_module
 
 
 @pytest.fixture(scope="module")

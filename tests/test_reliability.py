@@ -30,9 +30,8 @@ import mpcl.eval
 import mpcl.predict
 import mpcl.prepare
 import mpcl.train
-from mpcl.checkpoint import AtomicCheckpointIO
-from mpcl.guards import DivergenceGuard
 from mpcl.io import remove_stale_temps, temp_name
+from mpcl.run.checkpoint import AtomicCheckpointIO
 
 FAULTS = Path(__file__).parent / "faults.py"
 
@@ -166,8 +165,8 @@ def test_sigterm_saves_a_resumable_checkpoint(baseline, cache_dir, tmp_path, mon
     """SIGTERM (a scheduler's preemption notice) in the middle of step 3, in this process."""
     build = mpcl.train.build
 
-    def build_with_signal(cfg):
-        datamodule, module, trainer = build(cfg)
+    def build_with_signal(cfg, *args):
+        datamodule, module, trainer = build(cfg, *args)
         trainer.callbacks.insert(0, SignalAt(3, signal.SIGTERM))
         return datamodule, module, trainer
 
@@ -329,46 +328,6 @@ def test_huge_learning_rate_diverges_with_one_line(cache_dir, tmp_path):
     assert "IoU" not in out  # no normal-looking table
 
 
-def test_divergence_guard_does_not_sync_between_checks():
-    """On a GPU, reading a flag is a host sync: the guard only records between checks."""
-    from types import SimpleNamespace
-
-    from torch.overrides import TorchFunctionMode
-
-    syncing = {"item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"}
-
-    class Spy(TorchFunctionMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            self.seen.append(getattr(func, "__name__", str(func)))
-            return func(*args, **(kwargs or {}))
-
-    class Module:  # what the guard uses of a LightningModule
-        def log(self, name, value, **kwargs):
-            pass
-
-        def named_parameters(self):
-            return []
-
-    guard = DivergenceGuard(check_every_n_steps=4)
-    trainer = SimpleNamespace(log_every_n_steps=50, global_step=0, checkpoint_callback=None)
-    module = Module()
-    guard.on_train_start(trainer, module)
-    for step, value in enumerate([1.0, float("nan"), 2.0], start=1):
-        trainer.global_step = step
-        module.log("train/loss_mixed", torch.tensor(value))
-        with Spy() as spy:
-            guard.on_train_batch_end(trainer, module, {"loss": torch.tensor(value)}, None, 0)
-        assert not syncing & set(spy.seen), spy.seen
-    trainer.global_step = 4
-    assert guard.diagnose(trainer, module, weights=False).startswith(
-        "training diverged at step 2: train/loss_mixed became nan"
-    )
-
-
 # ---------------------------------------------------------------- 2. checked image writes
 def test_synthetic_cache_is_not_marked_complete_on_a_full_disk(tmp_path):
     from mpcl.data.synthetic import generate
@@ -391,7 +350,7 @@ def test_synthetic_cache_is_not_marked_complete_on_a_full_disk(tmp_path):
 
 
 def test_figures_write_failure_names_the_file(tmp_path, monkeypatch):
-    from mpcl.callbacks import save_png
+    from mpcl.monitor.figures import save_png
 
     def full(path, data, sync=True):
         raise OSError(28, f"could not write {path}: No space left on device")

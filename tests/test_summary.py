@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import subprocess_env, tiny_synthetic
 
-from mpcl.summary import main, summarize
+from mpcl.monitor.summary import main, summarize
 
 ROOT = Path(__file__).parents[1]
 

@@ -21,7 +21,8 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 
 from mpcl.prepare import prepare
-from mpcl.train import build, train
+from mpcl.run.build import build
+from mpcl.train import train
 
 SYNTHETIC = [e for e in EXPERIMENTS if e.startswith("synthetic")]
 FULL_SIZE = [e for e in EXPERIMENTS if not e.startswith("synthetic")]

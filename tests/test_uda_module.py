@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from mpcl.data.labels import CLASS_NAMES
 from mpcl.models.encoders import MiT
 from mpcl.models.heads import SegFormerHead
 from mpcl.models.segmentor import PrototypeView, Segmentor, weighted_cross_entropy
@@ -64,6 +65,7 @@ class _Recording(Segmentor):
 def _module(student: nn.Module, **kwargs: Any) -> UDAModule:
     module = UDAModule(
         student,
+        CLASS_NAMES,
         functools.partial(torch.optim.AdamW, lr=1e-3),
         functools.partial(build_scheduler, max_steps=10, warmup_steps=0),
         strong_augment=False,
@@ -157,6 +159,7 @@ def test_a_new_segmentor_trains_with_prototypes(options):
     )
     module = UDAModule(
         student,
+        CLASS_NAMES,
         functools.partial(torch.optim.AdamW, lr=1e-3),
         functools.partial(build_scheduler, max_steps=6, warmup_steps=0),
         prototype=prototype,

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from mpcl.viz import prototype_activation_maps, tsne_figure
+from mpcl.monitor.viz import prototype_activation_maps, tsne_figure
 
 
 def test_tsne_figure_shape():

@@ -34,16 +34,31 @@ def _input_resolution(model_target: str) -> str:
 OmegaConf.register_new_resolver("mpcl.resolution", _input_resolution, replace=True)
 
 
+def _class_names(label_set: str) -> list[str]:
+    """The class names of a known label set (``class_names: ${mpcl.class_names:cityscapes}``
+    in the data configs): "cityscapes" is the 19 trainId classes of cityscapesscripts."""
+    if label_set != "cityscapes":
+        raise ValueError(f"unknown label set {label_set!r}: use cityscapes, or list class_names")
+    from mpcl.data.labels import CLASS_NAMES
+
+    return list(CLASS_NAMES)
+
+
+OmegaConf.register_new_resolver("mpcl.class_names", _class_names, replace=True)
+# ``num_classes: ${mpcl.len:${class_names}}``: the number follows the data config's list.
+OmegaConf.register_new_resolver("mpcl.len", len, replace=True)
+
+
 def _run_name() -> str:
-    """The W&B run name: experiment + overrides (``${mpcl.run_name:}``; mpcl.dashboard)."""
-    from mpcl.dashboard import run_name
+    """The W&B run name: experiment + overrides (``${mpcl.run_name:}``; mpcl.monitor.dashboard)."""
+    from mpcl.monitor.dashboard import run_name
 
     return run_name()
 
 
 def _run_group() -> str:
     """The W&B group: the multirun, "" for a single run (``${mpcl.run_group:}``)."""
-    from mpcl.dashboard import run_group
+    from mpcl.monitor.dashboard import run_group
 
     return run_group()
 

@@ -16,24 +16,16 @@ import json
 import math
 from pathlib import Path
 
-import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from mpcl.checkpoint import check_state_dict, read_checkpoint
-from mpcl.config import ConfigError
+from mpcl.errors import ConfigError
 from mpcl.io import atomic_write_bytes
 from mpcl.metrics import iou_table, miou
-from mpcl.runlog import echo
-from mpcl.train import build, report_error, run_cli
-
-
-def load_weights(module: L.LightningModule, ckpt_path: str | Path) -> None:
-    """Load a training checkpoint's ``state_dict`` into ``module`` strictly; a missing,
-    unreadable or mismatched checkpoint is a one-line ConfigError."""
-    state = read_checkpoint(ckpt_path)["state_dict"]
-    check_state_dict(module, state, ckpt_path)
-    module.load_state_dict(state, strict=True)
+from mpcl.run.build import build
+from mpcl.run.cli import run_cli
+from mpcl.run.resume import CheckpointFile
+from mpcl.run.runlog import echo
 
 
 def results_table(results: dict) -> str:
@@ -46,13 +38,15 @@ def results_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate(cfg: DictConfig) -> dict:
-    """Build the model, load the checkpoint, validate; returns and writes the results."""
+def evaluate(cfg: DictConfig, checkpoint: CheckpointFile | None = None) -> dict:
+    """Build the model, load the checkpoint (``checkpoint``: ``cfg.ckpt_path`` already read,
+    else read here), validate; returns and writes the results."""
     if not cfg.get("ckpt_path"):
         raise ConfigError("ckpt_path is required: python -m mpcl.eval ckpt_path=<file.ckpt>")
+    checkpoint = checkpoint or CheckpointFile.read(cfg.ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module, trainer = build(cfg)
-    load_weights(module, cfg.ckpt_path)
+    checkpoint.load_into(module)
     trainer.validate(module, datamodule=datamodule, verbose=False)
     iou = module.last_val_iou
     means = {"mIoU": 100 * miou(iou)}
@@ -77,14 +71,8 @@ def evaluate(cfg: DictConfig) -> dict:
     return results
 
 
-@hydra.main(version_base="1.3", config_path="pkg://mpcl.conf", config_name="eval")
-def _hydra_main(cfg: DictConfig) -> None:
-    with report_error():
-        evaluate(cfg)
-
-
 def main() -> None:
-    run_cli(_hydra_main)
+    run_cli("eval", evaluate)
 
 
 if __name__ == "__main__":

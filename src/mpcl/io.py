@@ -9,10 +9,13 @@ and ``remove_stale_temps`` clears it once its writer is gone.
     with atomic_path("out/last.ckpt") as tmp:   # write tmp; renamed onto the target on success
         torch.save(state, tmp)
     write_image("pred/0001.png", label)         # checked cv2 encode + atomic write
+    with file_lock(cache / ".build.lock"):      # one process (or rank, or node) builds a cache
+        ...
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import socket
@@ -28,6 +31,7 @@ __all__ = [
     "atomic_path",
     "atomic_write_bytes",
     "encode_image",
+    "file_lock",
     "host_tag",
     "is_stale_temp",
     "remove_stale_temps",
@@ -170,3 +174,31 @@ def remove_stale_temps(directory: str | os.PathLike, names: Collection[str] | No
             path.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (created if missing) for the block.
+
+    One process at a time runs the block: the first builds a cache, the others wait, then
+    find it built. The kernel drops ``flock`` locks with the file descriptor, so a killed
+    builder never blocks the next run. The lock file is removed on release (while still
+    held); a waiter that then holds a removed file sees that and locks the new one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        f = open(path, "a")  # held across the yield
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            if os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
+                break  # the file we locked is still the lock file
+        except FileNotFoundError:
+            pass
+        f.close()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        f.close()

@@ -11,12 +11,10 @@ from collections.abc import Sequence
 import torch
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from mpcl.data.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
+from mpcl.data.labels import IGNORE_INDEX
 
 
-def segmentation_iou(
-    num_classes: int = NUM_CLASSES, ignore_index: int = IGNORE_INDEX
-) -> MulticlassJaccardIndex:
+def segmentation_iou(num_classes: int, ignore_index: int = IGNORE_INDEX) -> MulticlassJaccardIndex:
     """A metric whose ``compute()`` is the per-class IoU (C,), NaN where a class is absent from
     both prediction and target. ``update(preds (B, H, W) or (B, C, H, W), target (B, H, W))``."""
     return MulticlassJaccardIndex(
@@ -30,8 +28,6 @@ def miou(per_class_iou: torch.Tensor, classes: Sequence[int] | None = None) -> f
     return float(torch.nanmean(values.float()))
 
 
-def iou_table(
-    per_class_iou: torch.Tensor, class_names: Sequence[str] = CLASS_NAMES
-) -> list[tuple[str, float]]:
+def iou_table(per_class_iou: torch.Tensor, class_names: Sequence[str]) -> list[tuple[str, float]]:
     """[(class name, IoU in %)] in class order; absent classes are NaN."""
     return [(n, 100.0 * float(v)) for n, v in zip(class_names, per_class_iou, strict=True)]

@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
-import hydra
 import lightning as L
 import numpy as np
 import torch
@@ -29,12 +28,13 @@ from omegaconf import DictConfig, open_dict
 from rich.progress import track
 from torch.utils.data import DataLoader
 
-from mpcl.config import ConfigError
 from mpcl.data.labels import colorize
-from mpcl.eval import load_weights
+from mpcl.errors import ConfigError
 from mpcl.export import Exporter, format_for_dataset
 from mpcl.io import write_image
-from mpcl.train import build_module, report_error, run_cli
+from mpcl.run.build import build_module
+from mpcl.run.cli import run_cli
+from mpcl.run.resume import CheckpointFile
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
@@ -182,14 +182,17 @@ def predict_split(cfg: DictConfig, module: L.LightningModule, device: str) -> Pa
     return out_dir
 
 
-def predict(cfg: DictConfig) -> Path:
+def predict(cfg: DictConfig, checkpoint: CheckpointFile | None = None) -> Path:
+    """Predict ``cfg.input`` or the ``cfg.split`` set with the ``cfg.ckpt_path`` weights
+    (``checkpoint``: that file already read, else read here)."""
     if not cfg.get("ckpt_path"):
         raise ConfigError("ckpt_path is required: python -m mpcl.predict ckpt_path=<file.ckpt>")
     if cfg.get("input"):
         _check_input(Path(str(cfg.input)).expanduser())  # before the (slow) model build
+    checkpoint = checkpoint or CheckpointFile.read(cfg.ckpt_path)
     L.seed_everything(cfg.seed)
     module = build_module(cfg)
-    load_weights(module, cfg.ckpt_path)
+    checkpoint.load_into(module)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     module.to(device).eval()
     if cfg.get("input"):
@@ -197,14 +200,8 @@ def predict(cfg: DictConfig) -> Path:
     return predict_split(cfg, module, device)
 
 
-@hydra.main(version_base="1.3", config_path="pkg://mpcl.conf", config_name="predict")
-def _hydra_main(cfg: DictConfig) -> None:
-    with report_error():
-        predict(cfg)
-
-
 def main() -> None:
-    run_cli(_hydra_main)
+    run_cli("predict", predict)
 
 
 if __name__ == "__main__":

@@ -18,94 +18,27 @@ paths, hydra, experiment, hparams_search, debug.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-import hydra
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from mpcl.checkpoint import (
-    AtomicCheckpointIO,
-    RunConfig,
-    check_state_dict,
-    read_checkpoint,
-    remove_stale_checkpoint_temps,
-)
-from mpcl.cli import report_error, run_cli
-from mpcl.config import ConfigError, validate
-from mpcl.dashboard import log_config
-from mpcl.distributed import check_launch, requeue_checkpoint
-from mpcl.guards import DivergenceGuard, InterruptGuard, TrainingDiverged
-from mpcl.io import remove_stale_temps
-from mpcl.report import final_report
-from mpcl.runlog import ProgressLog, config_summary, copy_stdout, echo
+from mpcl.distributed import is_rank_zero
+from mpcl.errors import TrainingDiverged
+from mpcl.monitor.dashboard import log_config
+from mpcl.monitor.report import final_report
+from mpcl.run.build import build
+from mpcl.run.checkpoint import remove_stale_checkpoint_temps
+from mpcl.run.cli import run_cli
+from mpcl.run.config import validate
+from mpcl.run.guards import DivergenceGuard, InterruptGuard
+from mpcl.run.launch import check_launch
+from mpcl.run.resume import CheckpointFile, resume_for_training
+from mpcl.run.runlog import config_summary, copy_stdout, echo
 
-__all__ = ["build", "build_module", "main", "report_error", "run_cli", "train"]
+__all__ = ["main", "train"]
 
 log = logging.getLogger("mpcl")
-
-
-def build_module(cfg: DictConfig) -> L.LightningModule:
-    """The UDA LightningModule: student, EMA teacher and prototypes built for the student.
-
-    Without prototypes (``prototype=none``) the student gets no prototype head; with them,
-    the prototype learner takes its feature dim and resolutions from the student.
-    """
-    # _convert_="all": constructors get plain lists/dicts, which checkpoints can hold.
-    prototype_cfg = cfg.get("prototype")
-    no_head = {} if prototype_cfg is not None else {"proto_head": None}
-    student = instantiate(cfg.model, _convert_="all", **no_head)
-    prototype = None
-    if prototype_cfg is not None:
-        if "_target_" not in prototype_cfg:
-            raise ConfigError(
-                "prototype.* is set but there are no prototypes: choose prototype=gaussian or "
-                "prototype=centroid, or drop the prototype.* overrides"
-            )
-        prototype = instantiate(
-            prototype_cfg,
-            dim=student.prototype_dim,
-            resolutions=list(student.resolutions),
-            _convert_="all",
-        )
-    return instantiate(cfg.uda, student=student, prototype=prototype, _convert_="all")
-
-
-def _targets(group: DictConfig | None) -> list[DictConfig]:
-    """The entries of a logger/callbacks group that name a ``_target_`` (null ones are off)."""
-    return [c for c in (group or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
-
-
-def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
-    """Instantiate data module, LightningModule and Trainer from a composed config.
-
-    Whatever the callbacks group says, checkpoints are written atomically and carry the run's
-    config, a non-finite loss stops training, SIGINT/SIGTERM save a checkpoint, and the log
-    file gets progress lines (``mpcl.checkpoint``, ``mpcl.guards``, ``mpcl.runlog``).
-    """
-    datamodule = instantiate(cfg.data, _convert_="all")
-    module = build_module(cfg)
-    loggers = [instantiate(c) for c in _targets(cfg.get("logger"))]
-    callbacks = [instantiate(c) for c in _targets(cfg.get("callbacks"))]
-    callbacks += [DivergenceGuard(), InterruptGuard(), RunConfig(cfg), ProgressLog()]
-    # Added to the config's plugins (e.g. trainer=ddp_sim's BatchNorm sync), not in their place.
-    plugins = [instantiate(p) for p in cfg.trainer.get("plugins") or []]
-    trainer = instantiate(
-        cfg.trainer,
-        logger=loggers or False,
-        callbacks=callbacks,
-        plugins=[*plugins, AtomicCheckpointIO()],
-    )
-    return datamodule, module, trainer
-
-
-def _check_resume(module: L.LightningModule, ckpt_path: str) -> None:
-    """A checkpoint of another model is one line (not Lightning's size-mismatch wall); temp
-    files a killed save left beside it are cleared."""
-    check_state_dict(module, read_checkpoint(ckpt_path)["state_dict"], ckpt_path)
-    remove_stale_temps(Path(ckpt_path).parent)
 
 
 def _fit(trainer: L.Trainer, module: L.LightningModule, datamodule, ckpt_path) -> None:
@@ -127,27 +60,32 @@ def _fit(trainer: L.Trainer, module: L.LightningModule, datamodule, ckpt_path) -
                 cb.restore()
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit, then evaluate the student on target val; returns the final metrics."""
+def train(cfg: DictConfig, resume: CheckpointFile | None = None) -> dict[str, float]:
+    """Fit, then evaluate the student on target val; returns the final metrics.
+
+    ``resume``: the ``cfg.ckpt_path`` checkpoint if the caller has read it already
+    (``mpcl.run.cli``); otherwise it is read here, as is a requeued SLURM job's own.
+    """
     validate(cfg)
-    check_launch(cfg)  # a plain multirun cannot start DDP ranks (mpcl.distributed)
+    check_launch(cfg)  # a plain multirun cannot start DDP ranks (mpcl.run.launch)
+    resume = resume_for_training(cfg, resume)
     echo(config_summary(cfg))
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)
-    if cfg.paths.get("log_dir"):
-        remove_stale_checkpoint_temps(cfg.paths.log_dir)
-    datamodule, module, trainer = build(cfg)
-    log_config(cfg, trainer)  # the resolved config as the W&B run config (mpcl.dashboard)
-    # A requeued SLURM job resumes from its own newest checkpoint (mpcl.distributed).
-    ckpt_path = cfg.get("ckpt_path") or requeue_checkpoint(cfg.paths.output_dir)
-    if ckpt_path:
-        _check_resume(module, ckpt_path)
-    _fit(trainer, module, datamodule, ckpt_path)
+    if is_rank_zero():  # temp files killed saves left in the log dir and beside the resume
+        remove_stale_checkpoint_temps(
+            cfg.paths.get("log_dir"), resume.path.parent if resume else None
+        )
+    datamodule, module, trainer = build(cfg, resume)
+    log_config(cfg, trainer)  # the resolved config as the W&B run config (mpcl.monitor)
+    if resume is not None:  # another model's checkpoint: one line, not Lightning's wall
+        resume.check_model(module)
+    _fit(trainer, module, datamodule, str(resume.path) if resume else None)
     metrics = {}
     if cfg.get("evaluate", True):
         # The fit loop may already have validated at the last step; don't do it twice.
-        if getattr(module, "last_val_step", None) != trainer.global_step:
+        if module.last_val_step != trainer.global_step:
             trainer.validate(module, datamodule=datamodule, verbose=False)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     with copy_stdout():  # the table and the paths, into the log file too
@@ -155,16 +93,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="pkg://mpcl.conf", config_name="train")
-def _hydra_main(cfg: DictConfig) -> float | None:
-    with report_error():
-        metrics = train(cfg)
+def _train_task(cfg: DictConfig, resume: CheckpointFile | None) -> float | None:
+    """``train``, returning the metric a Hydra sweeper optimises (``optimized_metric``)."""
+    metrics = train(cfg, resume)
     metric = cfg.get("optimized_metric")
     return metrics.get(metric) if metric else None
 
 
 def main() -> None:
-    run_cli(_hydra_main)
+    run_cli("train", _train_task)
 
 
 if __name__ == "__main__":

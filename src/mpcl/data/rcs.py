@@ -23,8 +23,7 @@ from torch.utils.data import Dataset
 
 from mpcl.data.base import SegmentationDataset, make_item
 from mpcl.data.labels import NUM_CLASSES, map_ids
-from mpcl.distributed import file_lock
-from mpcl.io import atomic_write_bytes
+from mpcl.io import atomic_write_bytes, file_lock
 
 log = logging.getLogger(__name__)
 

@@ -39,8 +39,7 @@ import numpy as np
 
 from mpcl.data.base import SegmentationDataset
 from mpcl.data.labels import IGNORE_INDEX, colorize
-from mpcl.distributed import file_lock
-from mpcl.io import atomic_write_bytes, host_tag, write_image, writer_is_gone
+from mpcl.io import atomic_write_bytes, file_lock, host_tag, write_image, writer_is_gone
 
 VERSION = 1
 DOMAINS: tuple[str, ...] = ("source", "real", "night")

@@ -27,10 +27,11 @@ import timm
 from timm.models import group_parameters, load_checkpoint
 from torch import Tensor, nn
 
+from mpcl.errors import CheckpointError
+
 __all__ = [
     "HUB",
     "MIT_ARCHS",
-    "CheckpointError",
     "MiT",
     "ResNetV1c",
     "TimmEncoder",
@@ -56,10 +57,6 @@ MIT_ARCHS: dict[str, dict[str, tuple[int, ...]]] = {
 # ---------------------------------------------------------------------------
 # Loading weights through timm, with one-line errors
 # ---------------------------------------------------------------------------
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read or does not match the model (one line)."""
 
 
 def _checkpoint_file(path: str | Path, what: str) -> Path:

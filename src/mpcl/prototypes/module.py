@@ -4,81 +4,74 @@ One call of :meth:`PrototypeLearning.forward` is one resolution of one training 
 (Algorithm 1, lines 7-9): cluster the labelled pixels of each class onto that class's K
 prototypes (Sinkhorn, Eq. 14), compute the contrastive loss (Eq. 17) and the consistency
 loss (Eq. 12), and, in training mode, update the prototypes (Eqs. 20-21) and fill the
-feature bank.
+feature bank. Its ``loss`` joins the self-training objective L_seg (Eq. 4, the UDA
+module's) in the total loss (Eq. 19).
 
-Two roles of the feature bank (``bank_mode``):
+The parts: the prototype kinds and their similarities (``kinds``), the Sinkhorn assignment
+and K-Means (``clustering``), the losses (``losses``), the update of each feature bank mode
+with the K-Means start (``updates``) and the logged numbers (``diagnostics``); this module
+holds the settings and runs the step.
 
-- ``init`` (default): the bank only gathers the features of classes that wait for their
-  K-Means initialisation; the EMA update uses this step's assigned pixels.
-- ``queue``: the bank is a per-class FIFO of recent features kept for the whole run, and
-  each step's EMA update uses the statistics of the queue (Sinkhorn over the queue's
-  features of each class, then Eqs. 20-21), so that the bank size sets how fast the
-  prototypes follow the features.
-
-Shapes: B = batch, D = feature channels, h x w = feature resolution, N = B * h * w,
-C = classes, K = prototypes per class.
+Shapes: B = batch, D = feature channels, H x W = label resolution, h x w = feature
+resolution, N = B * h * w, C = classes, K = prototypes per class.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from mpcl.data.labels import IGNORE_INDEX
-from mpcl.prototypes.clustering import cluster_statistics, distributed_ready, kmeans, sinkhorn
+from mpcl.prototypes.clustering import sinkhorn
+from mpcl.prototypes.diagnostics import step_diagnostics
 from mpcl.prototypes.feature_bank import FeatureBank
-from mpcl.prototypes.losses import class_scores, consistency_loss, contrastive_loss
-from mpcl.prototypes.prototypes import Prototypes
+from mpcl.prototypes.kinds import Prototypes, check_K
+from mpcl.prototypes.losses import consistency_loss, contrastive_loss
+from mpcl.prototypes.updates import BANK_MODES, UPDATES, BankUpdate
 
-BANK_MODES = ("init", "queue")
 LOSSES = ("contrast", "consistency")
 
 
-def _resize_nearest(values: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """(B, H, W) -> (B, h, w) nearest-neighbour resize, keeping the dtype."""
+def downsample(values: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour resize of per-pixel values to the feature resolution, keeping the dtype.
+
+    Labels keep their classes and the ignore label 255 (no class mixing); weights (and any
+    other per-pixel values) are sampled at the same pixels as the labels.
+
+    Args:
+        values: (B, H, W) labels (int64) or weights (float).
+        size: (h, w), or h for a square h x h.
+
+    Returns:
+        (B, h, w), the dtype of ``values``.
+    """
     out = F.interpolate(values[:, None].float(), size=size, mode="nearest")
     return out[:, 0].to(values.dtype)
 
 
-def downsample_labels(labels: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Labels at feature resolution by nearest neighbour (no class mixing, keeps 255).
-
-    Args:
-        labels: (B, H, W) int64 (mixed) labels, 255 = ignore.
-        size: (h, w) feature resolution.
-
-    Returns:
-        (B, h, w) int64.
-    """
-    return _resize_nearest(labels, size)
-
-
-def downsample_weights(weights: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Per-pixel weights at feature resolution, sampled at the same pixels as the labels.
-
-    Args:
-        weights: (B, H, W) float.
-        size: (h, w).
-
-    Returns:
-        (B, h, w) float.
-    """
-    return _resize_nearest(weights, size)
+def _finite(value: Any) -> bool:
+    """A real number (not a bool), finite."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class PrototypeLearning(nn.Module):
     """Multiple-prototype contrastive learning (MPCL) on projected pixel features.
 
+    Hydra builds this from conf/prototype/*.yaml. The constructors own the checks of their
+    settings (this one, ``FeatureBank`` and the prototype kind; K by ``kinds.check_K`` for
+    both): each value is checked once, in a one-line ValueError naming its config key
+    ``prototype.<name>``, and the config validation does not repeat them.
+
     Args:
         prototypes: the prototype kind, called as ``prototypes(num_classes=C, K=K, dim=D)``:
             ``CentroidPrototypes`` or ``GaussianPrototypes`` (a Hydra partial in the configs).
-        K: prototypes per class.
+        K: prototypes per class, an integer >= 1.
         dim: D, the prototype head's output channels (the student's ``prototype_dim``).
         num_classes: C.
         resolutions: the student's feature views (its ``resolutions``), context first; each
@@ -86,14 +79,16 @@ class PrototypeLearning(nn.Module):
             second view's loss by ``lambda_d`` (the first by 1 - lambda_d).
         feature_bank_size: features kept per feature bank (all classes together).
         bank_mode: "init" (the bank only feeds the K-Means initialisation; updates use the
-            batch) or "queue" (updates use the statistics of the bank, kept for the run).
-        epsilon: Sinkhorn entropy weight.
+            batch) or "queue" (updates use the statistics of the bank, kept for the run);
+            see ``mpcl.prototypes.updates``.
+        epsilon: Sinkhorn entropy weight, > 0.
         sinkhorn_iters: Sinkhorn-Knopp iterations.
-        temperature: tau of Eqs. 11 and 17.
-        momentum: EMA weight alpha of the old prototype (Eqs. 20-21).
-        lambda_contrast: lambda_1, weight of the contrastive loss.
-        lambda_consistency: lambda_2, weight of the consistency loss.
-        lambda_d: weight of the high-resolution view (Eq. 18; multi-resolution students).
+        temperature: tau of Eqs. 11 and 17, finite and > 0.
+        momentum: EMA weight alpha of the old prototype (Eqs. 20-21), in [0, 1].
+        lambda_contrast: lambda_1, weight of the contrastive loss, finite and >= 0.
+        lambda_consistency: lambda_2, weight of the consistency loss, finite and >= 0.
+        lambda_d: weight of the high-resolution view (Eq. 18; multi-resolution students),
+            in [0, 1].
         in_class_negatives: same-class prototypes are negatives (False: Table VI ablation).
         normalize_features: L2-normalise pixel features before any similarity.
         min_init_features: features of a class (over all feature banks) needed before its
@@ -132,11 +127,13 @@ class PrototypeLearning(nn.Module):
         ignore_index: int = IGNORE_INDEX,
     ) -> None:
         super().__init__()
-        # The messages name the config keys: Hydra builds this from conf/prototype/*.yaml.
-        if temperature <= 0:
-            raise ValueError(f"prototype.temperature={temperature} must be > 0 (paper: 0.1)")
-        if epsilon <= 0:
-            raise ValueError(f"prototype.epsilon={epsilon} must be > 0 (use 0.05)")
+        check_K(K)
+        if not (_finite(temperature) and temperature > 0):
+            raise ValueError(
+                f"prototype.temperature={temperature} must be > 0 and finite (paper: 0.1)"
+            )
+        if not (_finite(epsilon) and epsilon > 0):
+            raise ValueError(f"prototype.epsilon={epsilon} must be > 0 and finite (use 0.05)")
         if sinkhorn_iters < 1:
             raise ValueError(f"prototype.sinkhorn_iters={sinkhorn_iters} must be >= 1 (use 3)")
         if not 0.0 <= momentum <= 1.0:
@@ -145,8 +142,8 @@ class PrototypeLearning(nn.Module):
             ("lambda_contrast", lambda_contrast),
             ("lambda_consistency", lambda_consistency),
         ):
-            if value < 0:
-                raise ValueError(f"prototype.{key}={value} must be >= 0 (paper: 0.1)")
+            if not (_finite(value) and value >= 0):
+                raise ValueError(f"prototype.{key}={value} must be >= 0 and finite (paper: 0.1)")
         if bank_mode not in BANK_MODES:
             raise ValueError(
                 f"prototype.bank_mode={bank_mode!r} is unknown: use one of {BANK_MODES}"
@@ -185,7 +182,8 @@ class PrototypeLearning(nn.Module):
                 for name in resolutions
             }
         )
-        self.bank_mode = bank_mode
+        # A plain object (no tensors): not a submodule, no state_dict key.
+        self.bank_update: BankUpdate = UPDATES[bank_mode]()
         self.early_start = early_start
         first = self.feature_banks[resolutions[0]]
         slots = first.slots
@@ -205,12 +203,14 @@ class PrototypeLearning(nn.Module):
                 f"prototype.early_start needs min_init_features={self.min_init_features} below "
                 f"the class slot {slots} (the refined start): lower it or drop early_start"
             )
-        # Early start: classes whose final K-Means on a full class slot has run.
+        # Early start: (C,) bool, classes whose final K-Means on a full class slot has run.
         self.register_buffer("refined", torch.zeros(num_classes, dtype=torch.bool))
-        # Host-side copy of "no class waits for K-Means", so that the steady-state step never
-        # reads the device flags (a host sync); refreshed whenever the prototypes change.
-        self._all_initialized = False
-        self.register_load_state_dict_post_hook(_refresh_initialized)
+        self.register_load_state_dict_post_hook(_refresh_start)
+
+    @property
+    def bank_mode(self) -> str:
+        """The feature bank mode of ``bank_update``: "init" or "queue"."""
+        return self.bank_update.bank_mode
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
@@ -314,8 +314,8 @@ class PrototypeLearning(nn.Module):
             resolution = views[0][0]
             features = torch.cat([v[1] for v in views])
             size = features.shape[-2:]
-            labels = torch.cat([downsample_labels(v[2], size) for v in views])
-            weights = torch.cat([downsample_weights(v[3], size) for v in views])
+            labels = torch.cat([downsample(v[2], size) for v in views])
+            weights = torch.cat([downsample(v[3], size) for v in views])
             masks: dict[str, torch.Tensor] = {}
             if losses is not None:
                 for name in LOSSES:  # (B_total, h, w) bool: the pixels of the loss's domains
@@ -368,24 +368,7 @@ class PrototypeLearning(nn.Module):
             ``early_start`` also ``num_refined``.
         """
         bank = self._feature_bank(resolution)
-        x = self._flatten(features)  # (N, D)
-        batch, _, height, width = features.shape
-        if labels.shape != (batch, height, width):
-            raise ValueError(
-                f"labels must be (B, h, w) = {(batch, height, width)}, got "
-                f"{tuple(labels.shape)}; downsample them with downsample_labels."
-            )
-        y = labels.reshape(-1).long()
-        if weights is None:
-            w = x.new_ones(len(y))
-        elif weights.shape != labels.shape:
-            raise ValueError(
-                f"weights must match labels {tuple(labels.shape)}, got {tuple(weights.shape)}; "
-                f"downsample them with downsample_weights."
-            )
-        else:
-            w = weights.reshape(-1).to(x.dtype)
-
+        x, y, w = self._pixels(features, labels, weights)  # (N, D), (N,), (N,)
         labelled = y != self.ignore_index
         # A device-side assert: checked without a host sync (raises at the next sync on GPU).
         torch._assert_async(
@@ -401,10 +384,95 @@ class PrototypeLearning(nn.Module):
         active = labelled & initialized[y_safe]  # (N,)
         w_act = w * active
 
-        sim = self.prototypes.similarity(x)  # (N, C, K)
+        sim = self.prototypes.similarity(x)  # (N, C, K), Eq. 8 or 9
         assignment, positive = self._assign(sim.detach(), y_safe, active)
-        # Each loss on its own pixels (its domains); the clustering above used them all.
-        w_c, n_c = self._loss_weights(contrast_pixels, labels, active, w_act)
+        loss_contrast, loss_consistency = self._losses(
+            sim, positive, labels, active, w_act, contrast_pixels, consistency_pixels
+        )
+        loss = self.lambda_contrast * loss_contrast + self.lambda_consistency * loss_consistency
+
+        if self.training:  # Eqs. 20-21 and the K-Means start, as the bank mode does them
+            with torch.no_grad():
+                usable = labelled & (w > 0)
+                self.bank_update.step(self, bank, x.detach(), y_safe, positive, w_act, usable)
+
+        out = {
+            "loss": loss,
+            "loss_contrast": loss_contrast.detach(),
+            "loss_consistency": loss_consistency.detach(),
+        }
+        # ``initialized`` as this step's K-Means starts left it (they update it in place).
+        out |= step_diagnostics(
+            sim.detach(),
+            y_safe,
+            active,
+            assignment,
+            positive,
+            self.prototypes.initialized,
+            self.refined if self.early_start else None,
+        )
+        return out
+
+    def _pixels(
+        self, features: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The checked pixels of one resolution, flattened.
+
+        Args:
+            features: (B, D, h, w).
+            labels: (B, h, w) labels in [0, C) or ``ignore_index``.
+            weights: (B, h, w) or None (all 1).
+
+        Returns:
+            features (N, D) as ``_flatten`` gives them, labels (N,) int64 and weights (N,)
+            in the features' dtype.
+        """
+        x = self._flatten(features)  # (N, D)
+        batch, _, height, width = features.shape
+        if labels.shape != (batch, height, width):
+            raise ValueError(
+                f"labels must be (B, h, w) = {(batch, height, width)}, got "
+                f"{tuple(labels.shape)}; downsample them with mpcl.prototypes.downsample."
+            )
+        y = labels.reshape(-1).long()
+        if weights is None:
+            w = x.new_ones(len(y))
+        elif weights.shape != labels.shape:
+            raise ValueError(
+                f"weights must match labels {tuple(labels.shape)}, got {tuple(weights.shape)}; "
+                f"downsample them with mpcl.prototypes.downsample."
+            )
+        else:
+            w = weights.reshape(-1).to(x.dtype)
+        return x, y, w
+
+    def _losses(
+        self,
+        sim: torch.Tensor,
+        positive: torch.Tensor,
+        labels: torch.Tensor,
+        active: torch.Tensor,
+        weights: torch.Tensor,
+        contrast_pixels: torch.Tensor | None,
+        consistency_pixels: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The contrastive (Eq. 17) and consistency (Eq. 12) losses, each on its own pixels
+        (its domains; the clustering used them all).
+
+        Args:
+            sim: (N, C, K) similarities, with grad.
+            positive: (N,) int64 assigned prototype c * K + k.
+            labels: (B, h, w) labels (the shape the pixel masks must have).
+            active: (N,) bool, labelled pixels of initialised classes.
+            weights: (N,) per-pixel weights, 0 outside ``active``.
+            contrast_pixels: (B, h, w) bool or None (all).
+            consistency_pixels: (B, h, w) bool or None (all).
+
+        Returns:
+            the two scalar losses, with grad.
+        """
+        initialized = self.prototypes.initialized
+        w_c, n_c = self._loss_weights(contrast_pixels, labels, active, weights)
         loss_contrast = contrastive_loss(
             sim,
             positive,
@@ -414,32 +482,11 @@ class PrototypeLearning(nn.Module):
             in_class_negatives=self.in_class_negatives,
             num_pixels=n_c,
         )
-        w_s, n_s = self._loss_weights(consistency_pixels, labels, active, w_act)
+        w_s, n_s = self._loss_weights(consistency_pixels, labels, active, weights)
         loss_consistency = consistency_loss(
             sim, positive, w_s, self.temperature, initialized, num_pixels=n_s
         )
-        loss = self.lambda_contrast * loss_contrast + self.lambda_consistency * loss_consistency
-
-        if self.training:
-            with torch.no_grad():
-                usable = labelled & (w > 0)
-                if self.bank_mode == "queue":
-                    bank.add(x.detach(), y_safe, usable)
-                    self._update_from_queue(bank)
-                else:
-                    self._update_prototypes(x.detach(), positive, w_act)
-                fill = self.bank_mode == "init"  # the queue is already filled
-                self._initialize_classes(bank, x.detach(), y_safe, usable, fill)
-
-        out = {
-            "loss": loss,
-            "loss_contrast": loss_contrast.detach(),
-            "loss_consistency": loss_consistency.detach(),
-        }
-        out.update(self._diagnostics(sim.detach(), y_safe, active, assignment, positive))
-        if self.early_start:  # classes whose refined K-Means has run
-            out["num_refined"] = self.refined.sum().float()
-        return out
+        return loss_contrast, loss_consistency
 
     @staticmethod
     def _loss_weights(
@@ -494,164 +541,7 @@ class PrototypeLearning(nn.Module):
         positive = labels * self.K + assignment.argmax(1)
         return assignment, positive
 
-    @torch.no_grad()
-    def _update_prototypes(
-        self, features: torch.Tensor, positive: torch.Tensor, weights: torch.Tensor
-    ) -> None:
-        """EMA of the pixels hard-assigned to each prototype (collective under DDP)."""
-        keep = weights > 0
-        num_total = self.num_classes * self.K
-        counts, sums, sq_sums = cluster_statistics(features, positive, num_total, keep)
-        shape = (self.num_classes, self.K)
-        self.prototypes.update(
-            counts.view(shape), sums.view(*shape, -1), sq_sums.view(*shape, -1), self.momentum
-        )
 
-    @torch.no_grad()
-    def _update_from_queue(self, bank: FeatureBank) -> None:
-        """EMA towards the statistics of the queue (``bank_mode="queue"``; Eqs. 14, 20-21).
-
-        The queue's features of each initialised class are clustered onto the class's K
-        prototypes (Sinkhorn, hard argmax) and each prototype moves towards the mean (and
-        variance) of its assigned queue features. Under DDP each rank keeps its own queue
-        and the Sinkhorn column sums and the statistics are all-reduced, so the update is
-        that of one queue holding the union of the ranks' queues (a collective: every rank
-        calls it at every training step).
-
-        Args:
-            bank: the queue of the current resolution, this step's features already added.
-        """
-        num_classes, slots, dim = bank.features.shape
-        filled = torch.arange(slots, device=bank.count.device)[None, :] < bank.count[:, None]
-        valid = (filled & self.prototypes.initialized[:, None]).flatten()  # (C * S,)
-        # Empty slots and classes without prototypes go to an extra, discarded class C:
-        # no boolean indexing (copies, host syncs) of the C x S x D queue.
-        classes = torch.arange(num_classes, device=valid.device).repeat_interleave(slots)
-        classes = torch.where(valid, classes, torch.full_like(classes, num_classes))
-        sim = self.prototypes.class_similarity(bank.features)  # (C, S, K)
-        assignment = sinkhorn(
-            sim.flatten(0, 1),  # (C * S, K)
-            self.epsilon,
-            self.sinkhorn_iters,
-            groups=classes,
-            num_groups=num_classes + 1,
-            distributed=True,
-        )
-        positive = classes * self.K + assignment.argmax(1)
-        counts, sums, sq_sums = cluster_statistics(
-            bank.features.view(-1, dim), positive, (num_classes + 1) * self.K
-        )
-        shape, kept = (num_classes, self.K), num_classes * self.K
-        self.prototypes.update(
-            counts[:kept].view(shape),
-            sums[:kept].view(*shape, dim),
-            sq_sums[:kept].view(*shape, dim),
-            self.momentum,
-        )
-
-    def _init_done(self) -> bool:
-        """Host read: does no class wait for a (first or refined) K-Means any more?"""
-        done = self.refined if self.early_start else self.prototypes.initialized
-        return bool(done.all())
-
-    @torch.no_grad()
-    def _initialize_classes(
-        self,
-        bank: FeatureBank,
-        features: torch.Tensor,
-        labels: torch.Tensor,
-        usable: torch.Tensor,
-        fill: bool = True,
-    ) -> None:
-        """Fill ``bank`` for classes that wait; K-Means those with enough features.
-
-        A class waits for its first K-Means (at ``min_init_features``) and, with
-        ``early_start``, for its refined K-Means on a full class slot.
-
-        Args:
-            bank: the feature bank of the current resolution.
-            features: (N, D) detached features.
-            labels: (N,) class (anything where ``usable`` is False).
-            usable: (N,) bool, labelled pixels of positive weight.
-            fill: store the features of waiting classes (False: the caller filled the bank).
-        """
-        if self._all_initialized:
-            return
-        initialized = self.prototypes.initialized
-        waiting = ~self.refined if self.early_start else ~initialized
-        if fill:
-            bank.add(features, labels, usable & waiting[labels])
-        stored = sum(b.count for b in self.feature_banks.values())  # (C,) over resolutions
-        ready = ~initialized & (stored >= self.min_init_features)
-        if self.early_start:  # the refined start, once the class slot is full
-            ready = ready | (initialized & waiting & (stored >= self.full_init_features))
-        # Without early start the first K-Means is the final one.
-        final = (stored >= self.full_init_features) | (not self.early_start)
-        flags = torch.stack([ready, ready & final]).int()  # (2, C)
-        distributed = distributed_ready()
-        if distributed:  # a class starts on every rank at the same step
-            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-        # One host read while classes wait: which are ready, and are all already initialised
-        # (also when the prototypes were set from outside, e.g. a benchmark's steady state).
-        ready_classes = torch.nonzero(flags[0]).squeeze(1).tolist()
-        if not ready_classes:
-            self._all_initialized = self._init_done()
-            return
-        for cls in ready_classes:
-            class_features = torch.cat([b.get(cls) for b in self.feature_banks.values()])
-            centers, assign = kmeans(class_features, self.K, self.kmeans_iters)
-            counts, sums, sq_sums = cluster_statistics(class_features, assign, self.K)
-            n = counts.clamp_min(1)[:, None]
-            variances = (sq_sums / n - (sums / n) ** 2).clamp_min(0)  # (K, D)
-            self.prototypes.initialize(cls, centers, variances)
-        self.refined |= flags[1].bool()
-        if distributed:  # rank 0's K-Means result, so that all ranks hold the same prototypes
-            for buffer in self.prototypes.buffers():
-                if buffer.is_floating_point():
-                    dist.broadcast(buffer, src=0)
-        self._all_initialized = self._init_done()  # rare: inits only
-
-    @torch.no_grad()
-    def _diagnostics(
-        self,
-        sim: torch.Tensor,
-        labels: torch.Tensor,
-        active: torch.Tensor,
-        assignment: torch.Tensor,
-        positive: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        """Detached scalars for logging (local to this rank), over the ``active`` pixels.
-
-        sim (N, C, K), labels (N,), active (N,) bool, assignment (N, K), positive (N,).
-        """
-        device = sim.device
-        num_initialized = self.prototypes.initialized.sum().float()
-        num_pixels = active.sum().float()
-        on = active.float()
-        entropy = -(assignment * torch.log(assignment.clamp_min(1e-12))).sum(1)
-        max_entropy = math.log(self.K) if self.K > 1 else 1.0
-        # Scatters into an extra, dropped slot for inactive pixels; no bincount / boolean
-        # indexing: no host sync for a logged number.
-        num_total = self.num_classes * self.K
-        slot = torch.where(active, positive, num_total)
-        used = torch.zeros(num_total + 1, dtype=torch.bool, device=device)
-        used = used.index_fill(0, slot, True)[:num_total].view(self.num_classes, self.K)
-        present = torch.zeros(self.num_classes + 1, dtype=torch.bool, device=device)
-        present = present.index_fill(0, torch.where(active, labels, self.num_classes), True)
-        present = present[: self.num_classes]
-        usage = (used.float().mean(1) * present).sum() / present.sum().clamp_min(1)
-        scores = class_scores(sim).masked_fill(~self.prototypes.initialized, float("-inf"))
-        correct = (scores.argmax(1) == labels).float()
-        denominator = num_pixels.clamp_min(1)
-        return {
-            "num_initialized": num_initialized,
-            "num_pixels": num_pixels,
-            "assignment_entropy": (entropy * on).sum() / denominator / max_entropy,
-            "prototype_usage": usage,
-            "proto_accuracy": (correct * on).sum() / denominator,
-        }
-
-
-def _refresh_initialized(module: PrototypeLearning, incompatible_keys: Any) -> None:
+def _refresh_start(module: PrototypeLearning, incompatible_keys: Any) -> None:
     # A loaded checkpoint may hold initialised prototypes: one host read at load time.
-    module._all_initialized = module._init_done()
+    module.bank_update.start.refresh(module)

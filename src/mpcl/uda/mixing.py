@@ -18,7 +18,6 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from mpcl.data.labels import NUM_CLASSES
 from mpcl.distributed import host_to_device, rank_rand
 
 # torchvision's ITU-R 601-2 luma weights (rgb_to_grayscale), as its ColorJitter uses them.
@@ -28,8 +27,8 @@ BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # ColorJitter's operations, in
 
 def class_mix_mask(
     labels: torch.Tensor,
+    num_classes: int,
     generator: torch.Generator | None = None,
-    num_classes: int = NUM_CLASSES,
 ) -> torch.Tensor:
     """Per image, pick half ((n + n % 2) / 2) of the n classes present and mask their pixels.
 

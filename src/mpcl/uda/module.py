@@ -12,7 +12,8 @@ Step t (``training_step``; the numbers match the comments in the code):
   5. student(x_M) -> weighted segmentation loss on y_M                               (Eq. 3)
   6. MPCL: prototype losses on the source and/or mixed prototype views               (Eq. 18)
   7. MIC: student(masked x_T) -> weighted loss on the step-3 pseudo-labels
-  8. sum (Eq. 19); Lightning runs backward and the AdamW step.
+  8. sum: L_seg = L_ce^S + L_ce^T (Eq. 4) plus the prototype losses (Eq. 19); Lightning
+     runs backward and the AdamW step.
 
 The student is any ``SegmentationModel`` (``mpcl.models.segmentor``): this module never asks
 which; the model owns its loss (``seg_loss``) and its prototype views (``prototype_views``).
@@ -31,7 +32,6 @@ import torch.nn.functional as F
 from lightning.fabric.utilities.seed import reset_seed
 from torch import nn
 
-from mpcl.data.labels import CLASS_NAMES, NUM_CLASSES
 from mpcl.metrics import miou, segmentation_iou
 from mpcl.models.segmentor import SegmentationModel
 from mpcl.prototypes import PrototypeLearning
@@ -71,12 +71,14 @@ class UDAModule(L.LightningModule):
         eval_resize: (H, W) the test image is resized to before inference (logits are
             resized back to the label size), or None to infer at the loaded size.
         class_subsets: extra mIoU over class subsets, e.g. {"mIoU16": [...]} (Synthia).
-        num_classes, class_names: the label space.
+        class_names: the label space, in label-id order (the data config's ``class_names``);
+            C = its length, which the student's heads and the prototypes must share.
     """
 
     def __init__(
         self,
         student: SegmentationModel,
+        class_names: Sequence[str],
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler],
         prototype: PrototypeLearning | None = None,
@@ -93,8 +95,6 @@ class UDAModule(L.LightningModule):
         consistency_domains: Sequence[str] | None = None,
         eval_resize: Sequence[int] | None = None,
         class_subsets: dict[str, Sequence[int]] | None = None,
-        num_classes: int = NUM_CLASSES,
-        class_names: Sequence[str] = CLASS_NAMES,
     ) -> None:
         super().__init__()
         if method not in METHODS:
@@ -116,6 +116,12 @@ class UDAModule(L.LightningModule):
                     f"uda.{key}={list(chosen)}: choose a subset of uda.prototype_domains="
                     f"{list(prototype_domains)} (or null for all of them)"
                 )
+        num_classes = len(class_names)
+        if prototype is not None and prototype.num_classes != num_classes:
+            raise ValueError(
+                f"the prototypes have {prototype.num_classes} classes but class_names has "
+                f"{num_classes}: set prototype.num_classes=${{num_classes}}"
+            )
         if prototype is not None and student.prototype_dim != prototype.dim:
             raise ValueError(
                 f"the student's prototype head gives {student.prototype_dim}-dim features but "
@@ -137,15 +143,20 @@ class UDAModule(L.LightningModule):
             feature_distance(encoder=student.encoder) if feature_distance else None
         )
         self.class_names = list(class_names)
+        self.num_classes = num_classes
         self.class_subsets = {k: list(v) for k, v in (class_subsets or {}).items()}
-        # Training intermediates for the DebugImages callback (mpcl.dashboard): a dict that the
-        # next step fills when the callback asks for one, else None.
-        self.debug_images: dict[str, torch.Tensor] | None = None
         self.val_iou = segmentation_iou(num_classes)
         self.val_proto_iou = segmentation_iou(num_classes) if prototype is not None else None
+        # The last validation's per-class IoU (C,) on the CPU and the step it ran at (read by
+        # the report, the dashboard and mpcl.eval); None / -1 before the first validation.
+        self.last_val_iou: torch.Tensor | None = None
+        self.last_val_step: int = -1
 
     # ------------------------------------------------------------------ training
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> dict[str, Any]:
+        """One step; returns what callbacks read as ``outputs``: ``loss`` (the Eq. 19 sum),
+        ``logs`` (each loss term, the quality weight and prototype diagnostics, detached) and
+        ``images`` (the step's intermediates, detached, for ``mpcl.monitor.debug_images``)."""
         if self.method == "dacs":
             return self._self_training_step(batch)
         # Supervised baselines: one labelled domain, same losses as the source branch.
@@ -159,7 +170,8 @@ class UDAModule(L.LightningModule):
         if self.prototype is not None:
             ones = torch.ones_like(labels, dtype=torch.float32)
             loss = loss + self._prototype_loss([(out, labels, ones)], logs)
-        return self._log_train(loss, logs, images.shape[0])
+        images = {domain: images, f"{domain}_label": labels}
+        return self._log_train(loss, logs, images)
 
     def _prototype_losses_of(self, domain: str) -> set[str]:
         """The prototype losses fed by a domain's pixels (uda.*_domains; None = all)."""
@@ -207,17 +219,16 @@ class UDAModule(L.LightningModule):
         logs["quality_weight"] = quality
 
         # 4. ClassMix: paste half of the source classes onto the target.
-        mask = class_mix_mask(y_s)
+        mask = class_mix_mask(y_s, num_classes=self.num_classes)
         x_m = mix(mask, x_s, x_t)
         y_m = mix(mask, y_s, y_t)
         w_m = mix(mask, torch.ones_like(w_t), w_t)
         if self.strong_augment is not None:
             x_m = self.strong_augment(x_m)
-        if self.debug_images is not None:  # only on steps the DebugImages callback asks for
-            self.debug_images.update(
-                source=x_s, source_label=y_s, target=x_t, pseudo_label=y_t,
-                quality_weight=w_m, classmix_mask=mask, mixed=x_m, mixed_label=y_m,
-            )  # fmt: skip
+        images = {
+            "source": x_s, "source_label": y_s, "target": x_t, "pseudo_label": y_t,
+            "quality_weight": w_m, "classmix_mask": mask, "mixed": x_m, "mixed_label": y_m,
+        }  # fmt: skip
 
         # 5. Mixed: the weighted loss on the mixed labels (Eq. 3).
         out_m = student.forward_train(x_m)
@@ -238,21 +249,27 @@ class UDAModule(L.LightningModule):
         # 7. MIC: the masked target, trained on the unmasked target's pseudo-labels.
         if self.mic is not None:
             x_k, keep = self.mic(x_t, self.strong_augment)
-            if self.debug_images is not None:
-                self.debug_images.update(mic_masked=x_k, mic_mask=keep)
+            images |= {"mic_masked": x_k, "mic_mask": keep}
             loss_masked = student.seg_loss(student.forward_train(x_k), y_t, w_t)
             loss = loss + self.mic.weight * loss_masked
             logs["loss_masked"] = loss_masked
-        # 8. Eq. 19: Lightning backpropagates the sum.
-        return self._log_train(loss, logs, x_s.shape[0])
+        # 8. Eq. 19 (the self-training part is Eq. 4: loss_source + loss_mixed): Lightning
+        # backpropagates the sum.
+        return self._log_train(loss, logs, images)
 
-    def _log_train(self, loss: torch.Tensor, logs: dict, batch_size: int) -> torch.Tensor:
+    def _log_train(self, loss: torch.Tensor, logs: dict, images: dict) -> dict[str, Any]:
+        batch_size = next(iter(images.values())).shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         for name, value in logs.items():
             show = name in ("loss_contrast", "loss_consistency", "quality_weight")
             self.log(f"train/{name}", value, prog_bar=show, batch_size=batch_size)
         self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=False)
-        return loss
+        # Lightning hands the extra keys to the callbacks as they are: detach them here.
+        return {
+            "loss": loss,
+            "logs": {k: v.detach() if torch.is_tensor(v) else v for k, v in logs.items()},
+            "images": {k: v.detach() for k, v in images.items()},
+        }
 
     # ------------------------------------------------------------------ evaluation
     def _resize_for_eval(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,17 +1,21 @@
-"""PrototypeLearning: initialisation from the feature bank, losses, updates, checkpoints."""
+"""PrototypeLearning (mpcl.prototypes.module): the step's losses, Eq. 18 over views, per-loss
+pixels, predictions, checkpoints, the constructor's checks, and ``downsample``."""
 
 import math
 
 import pytest
 import torch
 
+import mpcl.prototypes
 from mpcl.prototypes import (
     CentroidPrototypes,
     GaussianPrototypes,
     PrototypeLearning,
-    downsample_labels,
-    downsample_weights,
+    contrastive_loss,
+    downsample,
 )
+from mpcl.prototypes.losses import consistency_loss
+from mpcl.prototypes.updates import InitUpdate, QueueUpdate
 
 
 def _module(kind="centroid", num_classes=4, K=3, dim=16, **kwargs):
@@ -27,6 +31,15 @@ def _batch(num_classes=4, dim=16, size=16, seed=0):
     labels = torch.randint(0, num_classes, (2, size, size), generator=gen)
     labels[:, 0] = 255
     return features, labels
+
+
+def _initialise(module, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    protos = module.prototypes
+    for c in range(module.num_classes):
+        mean = torch.randn(module.K, module.dim, generator=gen, dtype=torch.float64) / 2
+        var = 0.05 + 0.2 * torch.rand(module.K, module.dim, generator=gen, dtype=torch.float64)
+        protos.initialize(c, mean, var)
 
 
 @pytest.mark.parametrize("kind", ["centroid", "gaussian"])
@@ -49,22 +62,6 @@ def test_losses_off_until_class_initialised(kind):
     assert torch.isfinite(features.grad).all() and features.grad.abs().sum() > 0
 
 
-def test_initialisation_uses_kmeans_of_the_bank():
-    torch.manual_seed(0)
-    module = _module("gaussian", num_classes=2, K=2, dim=4, normalize_features=False)
-    module.train()
-    centres = torch.tensor([[5.0, 0, 0, 0], [-5.0, 0, 0, 0]])
-    which = torch.arange(64) % 2
-    x = centres[which] + 0.1 * torch.randn(64, 4)
-    features = x.T.reshape(1, 4, 8, 8)
-    labels = torch.zeros(1, 8, 8, dtype=torch.long)  # all class 0; class 1 stays off
-    module(features, labels)
-    assert module.prototypes.initialized.tolist() == [True, False]
-    found = module.prototypes.mean[0, :, 0].sort().values
-    torch.testing.assert_close(found, torch.tensor([-5.0, 5.0]), atol=0.1, rtol=0)
-    assert (module.prototypes.var[0] < 0.05).all()
-
-
 @pytest.mark.parametrize("kind", ["centroid", "gaussian"])
 def test_contrastive_loss_near_log_ck_at_initialisation(kind):
     torch.manual_seed(0)
@@ -81,22 +78,6 @@ def test_contrastive_loss_near_log_ck_at_initialisation(kind):
     assert torch.isfinite(module.predict(features)).all()
     assert abs(float(out["loss_contrast"]) - math.log(num_classes * K)) < 0.5
     assert abs(float(out["loss_consistency"]) - math.log(num_classes)) < 0.2
-
-
-def test_training_updates_prototypes_and_eval_does_not():
-    torch.manual_seed(0)
-    module = _module(momentum=0.5).train()
-    features, labels = _batch()
-    module(features, labels)
-    before = module.prototypes.mean.clone()
-    module.eval()(features, labels)
-    assert torch.equal(module.prototypes.mean, before)
-    module.train()(features, labels)
-    assert not torch.equal(module.prototypes.mean, before)
-    # Weight-0 pixels do not update: prototypes stay put.
-    after = module.prototypes.mean.clone()
-    module(features, labels, torch.zeros(labels.shape))
-    assert torch.equal(module.prototypes.mean, after)
 
 
 @pytest.mark.parametrize("kind", ["centroid", "gaussian"])
@@ -160,10 +141,18 @@ def test_downsample_labels_and_weights_nearest():
     labels = torch.arange(16).view(1, 4, 4)
     labels[0, 0, 0] = 255
     weights = labels.float() / 10
-    small = downsample_labels(labels, (2, 2))
+    small = downsample(labels, (2, 2))
     assert small.dtype == torch.int64
     assert small.tolist() == [[[255, 2], [8, 10]]]
-    torch.testing.assert_close(downsample_weights(weights, (2, 2)), small.float() / 10)
+    torch.testing.assert_close(downsample(weights, (2, 2)), small.float() / 10)
+    assert downsample(weights, (2, 2)).dtype == torch.float32
+    assert downsample(labels.bool(), 2).dtype == torch.bool  # a square size, any dtype
+
+
+def test_one_downsample_exported():
+    assert "downsample" in mpcl.prototypes.__all__
+    for old in ("downsample_labels", "downsample_weights"):
+        assert old not in mpcl.prototypes.__all__ and not hasattr(mpcl.prototypes, old)
 
 
 def test_bad_config_messages():
@@ -182,10 +171,135 @@ def test_bad_config_messages():
         GaussianPrototypes(4, 0, 16)
     with pytest.raises(ValueError, match="min_init_features"):
         build(min_init_features=2)
+    with pytest.raises(ValueError, match="prototype.bank_mode='fifo' is unknown"):
+        _module("gaussian", dim=8, bank_mode="fifo")
+    with pytest.raises(ValueError, match="early_start needs min_init_features=40 below"):
+        _module("gaussian", dim=8, early_start=True, min_init_features=40)
     module = build()
     with pytest.raises(ValueError, match=r"features must be \(B, 16, h, w\), got \(2, 8, 8, 8\)"):
         module(torch.zeros(2, 8, 8, 8), torch.zeros(2, 8, 8, dtype=torch.long))
-    with pytest.raises(ValueError, match="downsample_labels"):
+    with pytest.raises(ValueError, match="downsample"):
         module(torch.zeros(2, 16, 8, 8), torch.zeros(2, 16, 16, dtype=torch.long))
     with pytest.raises(RuntimeError, match="labels must be in"):  # a device-side assert
         module(torch.zeros(2, 16, 8, 8), torch.full((2, 8, 8), 19))
+    module = _module("gaussian", dim=8)
+    features, labels = _batch(dim=8, size=8)
+    with pytest.raises(ValueError, match=r"unknown prototype losses \['contrastive'\]"):
+        module.forward_views(
+            [[("lr", features, labels, torch.ones(labels.shape))]], [{"contrastive"}]
+        )
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("K", 0),
+        ("K", -2),
+        ("K", 2.5),
+        ("K", True),
+        ("temperature", 0.0),
+        ("temperature", -0.1),
+        ("temperature", float("inf")),
+        ("temperature", float("nan")),
+        ("lambda_contrast", -0.1),
+        ("lambda_contrast", float("inf")),
+        ("lambda_contrast", float("nan")),
+        ("lambda_consistency", -1.0),
+        ("lambda_consistency", float("inf")),
+        ("lambda_consistency", float("nan")),
+        ("lambda_d", 1.5),
+        ("lambda_d", float("nan")),
+        ("epsilon", float("nan")),
+    ],
+)
+def test_the_constructor_checks_each_config_value(key, value):
+    """The constructor owns these checks (config.validate does not repeat them): a one-line
+    ValueError that names the config key."""
+    with pytest.raises(ValueError, match=rf"^prototype\.{key}=\S+ must be [^\n]*$"):
+        PrototypeLearning(CentroidPrototypes, num_classes=4, dim=16, **{key: value})
+
+
+def test_valid_edge_values_pass_the_checks():
+    module = PrototypeLearning(
+        CentroidPrototypes,
+        K=1,
+        dim=16,
+        num_classes=4,
+        feature_bank_size=40,
+        lambda_contrast=0,
+        lambda_consistency=0.0,
+        lambda_d=1.0,
+        temperature=1e-3,
+    )
+    assert module.K == 1 and module.lambda_contrast == 0
+
+
+@pytest.mark.parametrize("bank_mode", ["init", "queue"])
+@pytest.mark.parametrize("early_start", [False, True])
+def test_state_dict_keys(bank_mode, early_start):
+    """The update strategy is a plain object: no state_dict key of its own."""
+    module = _module(
+        "gaussian",
+        resolutions=("lr", "hr"),
+        bank_mode=bank_mode,
+        early_start=early_start,
+        bank_max_per_step=10,
+    )
+    assert list(module.state_dict()) == [
+        "refined",
+        "prototypes.mean",
+        "prototypes.initialized",
+        "prototypes.var",
+        "feature_banks.lr.features",
+        "feature_banks.lr.count",
+        "feature_banks.lr.pointer",
+        "feature_banks.hr.features",
+        "feature_banks.hr.count",
+        "feature_banks.hr.pointer",
+    ]
+    update = {"init": InitUpdate, "queue": QueueUpdate}[bank_mode]
+    assert type(module.bank_update) is update and module.bank_mode == bank_mode
+    assert not isinstance(module.bank_update, torch.nn.Module)
+    assert f"bank_mode={bank_mode}" in repr(module)
+
+
+def test_per_loss_pixels_match_the_losses_on_their_domains():
+    torch.manual_seed(0)
+    module = _module("gaussian", dim=8).train()
+    _initialise(module)
+    module.eval()  # no update: the reference sees the same prototypes
+    (f_a, y_a), (f_b, y_b) = _batch(dim=8, size=8, seed=1), _batch(dim=8, size=8, seed=2)
+    ones = torch.ones(y_a.shape)
+    domains = [[("lr", f_a, y_a, ones)], [("lr", f_b, y_b, 0.5 * ones)]]
+    out = module.forward_views(domains, [{"contrast"}, {"consistency"}])
+
+    x = torch.nn.functional.normalize(torch.cat([f_a, f_b]).permute(0, 2, 3, 1).flatten(0, 2))
+    y = torch.cat([y_a, y_b]).flatten()
+    w = torch.cat([ones, 0.5 * ones]).flatten()
+    keep = y != 255
+    x, y, w = x[keep], y[keep], w[keep]
+    from_a = torch.arange(len(keep))[keep] < y_a.numel()
+    sim = module.prototypes.similarity(x)
+    _, positive = module._assign(sim, y)  # clustering over both domains at once
+    tau, valid = module.temperature, module.prototypes.initialized
+    expected_c = contrastive_loss(sim[from_a], positive[from_a], w[from_a], tau, valid)
+    expected_s = consistency_loss(sim[~from_a], positive[~from_a], w[~from_a], tau, valid)
+    torch.testing.assert_close(out["loss_contrast"], expected_c)
+    torch.testing.assert_close(out["loss_consistency"], expected_s)
+    both = module.forward_views(domains)
+    assert not torch.isclose(both["loss_contrast"], expected_c)
+    assert torch.equal(module.forward_views(domains, [LOSSES, LOSSES])["loss"], both["loss"])
+
+
+LOSSES = {"contrast", "consistency"}
+
+
+def test_checkpoints_without_refined_flags_still_load():
+    torch.manual_seed(0)
+    module = _module("gaussian", dim=8).train()
+    module(*_batch(dim=8, size=8))
+    state = module.state_dict()
+    del state["refined"]  # a checkpoint written before early_start existed
+    fresh = _module("gaussian", dim=8)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.refined, module.prototypes.initialized)

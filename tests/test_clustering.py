@@ -1,4 +1,4 @@
-"""Sinkhorn-Knopp assignment (Eqs. 13-14) and K-Means, against independent references."""
+"""mpcl.prototypes.clustering: Sinkhorn-Knopp (Eqs. 13-14) and K-Means, against references."""
 
 import itertools
 

@@ -1,4 +1,4 @@
-"""Contrastive (Eq. 17) and consistency (Eqs. 11-12) losses against direct Python loops."""
+"""mpcl.prototypes.losses: contrastive (Eq. 17) and consistency (Eqs. 11-12) vs Python loops."""
 
 import math
 

@@ -1,18 +1,13 @@
-"""The feature bank as the update memory (bank_mode="queue"), the early start, and per-loss
-pixels: checked against direct float64 computations."""
+"""mpcl.prototypes.updates: the K-Means start from the feature bank (and the early start), the
+EMA update of each bank mode ("init": from the batch; "queue": from the bank as the update
+memory), checked against direct float64 computations."""
 
 import copy
 
 import pytest
 import torch
 
-from mpcl.prototypes import (
-    CentroidPrototypes,
-    GaussianPrototypes,
-    PrototypeLearning,
-    contrastive_loss,
-)
-from mpcl.prototypes.losses import consistency_loss
+from mpcl.prototypes import CentroidPrototypes, GaussianPrototypes, PrototypeLearning
 
 KINDS = {"centroid": CentroidPrototypes, "gaussian": GaussianPrototypes}
 
@@ -54,6 +49,38 @@ def _reference_sinkhorn(sim: torch.Tensor, epsilon: float, iters: int) -> torch.
         q = q / q.sum(0, keepdim=True) * (num_rows / K)
         q = q / q.sum(1, keepdim=True)
     return q
+
+
+def test_initialisation_uses_kmeans_of_the_bank():
+    torch.manual_seed(0)
+    module = _module("gaussian", num_classes=2, K=2, dim=4, normalize_features=False)
+    module.train()
+    centres = torch.tensor([[5.0, 0, 0, 0], [-5.0, 0, 0, 0]])
+    which = torch.arange(64) % 2
+    x = centres[which] + 0.1 * torch.randn(64, 4)
+    features = x.T.reshape(1, 4, 8, 8)
+    labels = torch.zeros(1, 8, 8, dtype=torch.long)  # all class 0; class 1 stays off
+    module(features, labels)
+    assert module.prototypes.initialized.tolist() == [True, False]
+    found = module.prototypes.mean[0, :, 0].sort().values
+    torch.testing.assert_close(found, torch.tensor([-5.0, 5.0]), atol=0.1, rtol=0)
+    assert (module.prototypes.var[0] < 0.05).all()
+
+
+def test_training_updates_prototypes_and_eval_does_not():
+    torch.manual_seed(0)
+    module = _module("centroid", dim=16, momentum=0.5).train()
+    features, labels = _batch(dim=16, size=16)
+    module(features, labels)
+    before = module.prototypes.mean.clone()
+    module.eval()(features, labels)
+    assert torch.equal(module.prototypes.mean, before)
+    module.train()(features, labels)
+    assert not torch.equal(module.prototypes.mean, before)
+    # Weight-0 pixels do not update: prototypes stay put.
+    after = module.prototypes.mean.clone()
+    module(features, labels, torch.zeros(labels.shape))
+    assert torch.equal(module.prototypes.mean, after)
 
 
 @pytest.mark.parametrize("kind", ["centroid", "gaussian"])
@@ -200,56 +227,18 @@ def test_default_start_waits_for_a_full_slot():
     assert not module.prototypes.initialized.any()
 
 
-def test_per_loss_pixels_match_the_losses_on_their_domains():
+@pytest.mark.parametrize("early_start", [False, True])
+def test_loading_started_prototypes_ends_the_start(early_start):
+    """The host-side "no class waits" flag follows a loaded checkpoint, so that the steady
+    state reads no device flag."""
     torch.manual_seed(0)
-    module = _module("gaussian", dim=8).train()
+    module = _module(slots=80, bank_max_per_step=20, early_start=early_start).train()
+    assert not module.bank_update.start.done
     _initialise(module)
-    module.eval()  # no update: the reference sees the same prototypes
-    (f_a, y_a), (f_b, y_b) = _batch(seed=1), _batch(seed=2)
-    ones = torch.ones(y_a.shape)
-    domains = [[("lr", f_a, y_a, ones)], [("lr", f_b, y_b, 0.5 * ones)]]
-    out = module.forward_views(domains, [{"contrast"}, {"consistency"}])
-
-    x = torch.nn.functional.normalize(torch.cat([f_a, f_b]).permute(0, 2, 3, 1).flatten(0, 2))
-    y = torch.cat([y_a, y_b]).flatten()
-    w = torch.cat([ones, 0.5 * ones]).flatten()
-    keep = y != 255
-    x, y, w = x[keep], y[keep], w[keep]
-    from_a = torch.arange(len(keep))[keep] < y_a.numel()
-    sim = module.prototypes.similarity(x)
-    _, positive = module._assign(sim, y)  # clustering over both domains at once
-    tau, valid = module.temperature, module.prototypes.initialized
-    expected_c = contrastive_loss(sim[from_a], positive[from_a], w[from_a], tau, valid)
-    expected_s = consistency_loss(sim[~from_a], positive[~from_a], w[~from_a], tau, valid)
-    torch.testing.assert_close(out["loss_contrast"], expected_c)
-    torch.testing.assert_close(out["loss_consistency"], expected_s)
-    both = module.forward_views(domains)
-    assert not torch.isclose(both["loss_contrast"], expected_c)
-    assert torch.equal(module.forward_views(domains, [LOSSES, LOSSES])["loss"], both["loss"])
-
-
-LOSSES = {"contrast", "consistency"}
-
-
-def test_bad_config_messages():
-    with pytest.raises(ValueError, match="prototype.bank_mode='fifo' is unknown"):
-        _module(bank_mode="fifo")
-    with pytest.raises(ValueError, match="early_start needs min_init_features=40 below"):
-        _module(early_start=True, min_init_features=40)
-    module = _module()
-    features, labels = _batch()
-    with pytest.raises(ValueError, match=r"unknown prototype losses \['contrastive'\]"):
-        module.forward_views(
-            [[("lr", features, labels, torch.ones(labels.shape))]], [{"contrastive"}]
-        )
-
-
-def test_checkpoints_without_refined_flags_still_load():
-    torch.manual_seed(0)
-    module = _module(slots=40).train()
-    module(*_batch())
-    state = module.state_dict()
-    del state["refined"]  # a checkpoint written before early_start existed
-    fresh = _module(slots=40)
-    fresh.load_state_dict(state)
-    assert torch.equal(fresh.refined, module.prototypes.initialized)
+    module.refined.fill_(True)
+    fresh = _module(slots=80, bank_max_per_step=20, early_start=early_start)
+    fresh.load_state_dict(module.state_dict())
+    assert fresh.bank_update.start.done
+    fresh.refined.fill_(False)
+    fresh.load_state_dict(fresh.state_dict())
+    assert fresh.bank_update.start.done is not early_start  # early start: refined K-Means waits

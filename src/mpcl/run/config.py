@@ -1,4 +1,5 @@
-"""Config checks that turn bad values into one-line errors before anything is built."""
+"""Config checks that turn bad values into one-line errors before anything is built, and the
+helpers that name keys in those errors (``override_key``, ``config_keys``, ``hydra_error_line``)."""
 
 from __future__ import annotations
 
@@ -11,17 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """An invalid config value; the message names the key, the value and the fix."""
-
-
-class UnknownKeyError(ConfigError):
-    """An override of a key the config does not have (``key``: the dotted key)."""
-
-    def __init__(self, message: str, key: str) -> None:
-        super().__init__(message)
-        self.key = key
+from mpcl.errors import ConfigError
 
 
 def check_overrides(argv: list[str], conf_dir: Path) -> None:
@@ -58,8 +49,6 @@ NUMBERS: tuple[tuple[str, type, float | None, bool], ...] = (
     ("uda.optimizer.weight_decay", float, 0, False),
     ("uda.scheduler.warmup_steps", int, 0, False),
     ("uda.head_lr_mult", float, 0, True),
-    ("prototype.K", int, 1, False),
-    ("prototype.temperature", float, 0, True),
 )
 _ABSENT = object()
 
@@ -94,28 +83,11 @@ def _check_number(key: str, value, kind: type, low: float | None, strict: bool) 
 
 def validate(cfg: DictConfig) -> None:
     """Check what no constructor sees, before anything is built (one-line ConfigError): the
-    types and ranges of the numbers in ``NUMBERS``, non-negative ``prototype.lambda_*``, and
-    ``ckpt_path`` (readable; for training, before ``trainer.max_steps``). Each constructor
-    checks its own values too, naming their config keys."""
+    types and ranges of the numbers in ``NUMBERS``. Every other value is checked once, by the
+    constructor that takes it (its message names the config key); checkpoints are checked by
+    ``mpcl.run.resume``."""
     for key, kind, low, strict in NUMBERS:
         _check_number(key, _select(cfg, key), kind, low, strict)
-    prototype = cfg.get("prototype") or {}
-    for name in prototype:
-        if str(name).startswith("lambda_"):
-            key = f"prototype.{name}"
-            _check_number(key, _select(cfg, key), float, 0, False)
-    ckpt = cfg.get("ckpt_path")
-    if ckpt:
-        from mpcl.checkpoint import checkpoint_step, read_checkpoint
-
-        checkpoint = read_checkpoint(ckpt)  # one-line errors for missing/empty/corrupt files
-        step, max_steps = checkpoint_step(checkpoint), cfg.trainer.max_steps
-        if cfg.get("task_name", "train") == "train" and step >= max_steps:
-            raise ConfigError(
-                f"ckpt_path={ckpt} is at step {step} and trainer.max_steps={max_steps}: nothing "
-                f"left to train; set trainer.max_steps above {step} (or evaluate it with "
-                f"python -m mpcl.eval ckpt_path={ckpt})"
-            )
 
 
 def override_key(override: str) -> str:

@@ -8,34 +8,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import cv2
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import RichProgressBar
 
-from mpcl.dashboard import wandb_step
-from mpcl.data.labels import CLASS_NAMES, IGNORE_INDEX, colorize
-from mpcl.io import write_image
-from mpcl.prototypes import downsample_labels
-from mpcl.viz import prototype_activation_maps, tsne_figure
+from mpcl.data.labels import IGNORE_INDEX, colorize
+from mpcl.monitor.dashboard import wandb_loggers, wandb_step
+from mpcl.monitor.images import rgb, save_png
+from mpcl.monitor.viz import prototype_activation_maps, tsne_figure
+from mpcl.prototypes import downsample
 
 log = logging.getLogger(__name__)
-
-
-def _wandb_loggers(trainer: L.Trainer) -> list:
-    return [lg for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"]
-
-
-def _to_uint8(image: torch.Tensor) -> np.ndarray:
-    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8."""
-    return (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8)
-
-
-def save_png(rgb: np.ndarray, path: Path) -> None:
-    """Write an (H, W, 3) RGB image atomically; a failed write raises OSError naming path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_image(path, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
 
 
 @torch.no_grad()
@@ -58,7 +41,7 @@ def prototype_figures(
     """
     prototype = module.prototype
     features = module.student.predict_features(images)  # (B, D, h, w)
-    small = downsample_labels(labels, features.shape[-2:])  # (B, h, w)
+    small = downsample(labels, features.shape[-2:])  # (B, h, w)
     sim = prototype.prototype_similarity(features)  # (B, C, K, h, w)
     flat = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
     classes = small.reshape(-1)
@@ -111,38 +94,35 @@ class Figures(L.Callback):
         images, labels = self._batch(trainer, module.device)
         preds = module.predict_logits(images).argmax(1)
         rows = [
-            np.concatenate(
-                [_to_uint8(img), colorize(p.cpu().numpy()), colorize(t.cpu().numpy())], 1
-            )
+            np.concatenate([rgb(img), colorize(p.cpu().numpy()), colorize(t.cpu().numpy())], 1)
             for img, p, t in zip(images, preds, labels, strict=True)
         ]
         panels = {"predictions": np.concatenate(rows, 0)}
-        if getattr(module, "prototype", None) is not None and bool(
-            module.prototype.prototypes.initialized.any()
-        ):
+        if module.prototype is not None and bool(module.prototype.prototypes.initialized.any()):
             panels |= prototype_figures(module, images, labels, self.tsne_points)
-        for name, rgb in panels.items():
-            save_png(rgb, out_dir / f"{name}_step{step:06d}.png")
-        for logger in _wandb_loggers(trainer):
+        for name, picture in panels.items():
+            save_png(picture, out_dir / f"{name}_step{step:06d}.png")
+        classes = dict(enumerate(module.class_names))
+        for logger in wandb_loggers(trainer):
             import wandb
 
             masks = [
                 wandb.Image(
-                    _to_uint8(img),
+                    rgb(img),
                     masks={
                         "predictions": {
                             "mask_data": p.cpu().numpy(),
-                            "class_labels": dict(enumerate(CLASS_NAMES)),
+                            "class_labels": classes,
                         },
                         "ground_truth": {
                             "mask_data": t.cpu().numpy(),
-                            "class_labels": dict(enumerate(CLASS_NAMES)),
+                            "class_labels": classes,
                         },
                     },
                 )
                 for img, p, t in zip(images, preds, labels, strict=True)
             ]
-            # At the trainer/global_step of this validation's metrics (mpcl.dashboard).
+            # At the trainer/global_step of this validation's metrics (mpcl.monitor.dashboard).
             logger.log_metrics(
                 {
                     "val/segmentation": masks,
@@ -150,11 +130,3 @@ class Figures(L.Callback):
                 },
                 step=wandb_step(trainer),
             )
-
-
-class IterationProgressBar(RichProgressBar):
-    """Rich progress bar labelled by iterations (training is iteration based: one epoch is
-    the whole run, so the bar's count and ETA are over ``max_steps``)."""
-
-    def _get_train_description(self, current_epoch: int) -> str:
-        return f"train (max_steps={self.trainer.max_steps})"

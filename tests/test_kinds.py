@@ -1,4 +1,4 @@
-"""Prototypes: similarities (Eqs. 8-9) and EMA updates (Eqs. 20-21)."""
+"""mpcl.prototypes.kinds: the prototypes' similarities (Eqs. 8-9) and EMA updates (Eqs. 20-21)."""
 
 import math
 
@@ -78,6 +78,8 @@ def test_initialize_sets_flags_and_floor():
 def test_bad_config_messages():
     with pytest.raises(ValueError, match="prototype.K=0 must be >= 1"):
         CentroidPrototypes(19, 0, 256)
+    with pytest.raises(ValueError, match=r"prototype.K=2.5 must be >= 1 .*an integer"):
+        GaussianPrototypes(19, 2.5, 256)
     with pytest.raises(ValueError, match="var_floor"):
         GaussianPrototypes(19, 5, 256, var_floor=0.0)
     with pytest.raises(ValueError, match=r"\(N, 256\)"):

@@ -1,14 +1,18 @@
 """What ``python -m mpcl.train`` / ``mpcl.eval`` / ``mpcl.predict`` do around Hydra.
 
+    def main() -> None:                 # in mpcl/train.py
+        run_cli("train", train)         # train(cfg, resume) -> metrics
+
 Before Hydra creates a run directory (``run_cli``):
   1. a ``group=choice`` whose choice does not exist is one line (``check_overrides``);
-  2. ``ckpt_path=<file>`` of a self-describing checkpoint puts the checkpoint's own overrides
-     before the command line's, so the run is rebuilt from the checkpoint alone and explicit
-     overrides still win;
+  2. ``ckpt_path=<file>`` is read once (``mpcl.run.resume.CheckpointFile``); a self-describing
+     checkpoint puts its own overrides before the command line's, so the run is rebuilt from
+     the checkpoint alone and explicit overrides still win; the same ``CheckpointFile`` is handed to
+     the task, which reads the file no more;
   3. the config is composed once and checked: a typo'd key gets one line naming it and the
      closest valid keys, bad values one line naming the key, an unusable checkpoint one line
-     naming the file, an unwritable log dir one line naming it. A rejected invocation leaves
-     no run directory.
+     naming the file (a training resume with no steps left too), an unwritable log dir one
+     line naming it. A rejected invocation leaves no run directory.
 In the run (``report_error``): bad input is one line ``error: ...`` (exit 2), a divergence one
 line (exit 3), an interrupt the saved checkpoint and the resume command (exit 130 / 143); a
 run directory that holds nothing but Hydra's own files is removed again.
@@ -25,18 +29,26 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
-from mpcl.config import (
+from omegaconf import DictConfig
+
+from mpcl.errors import (
+    EXIT_BAD_INPUT,
     ConfigError,
+    RunInterrupted,
+    TrainingDiverged,
     UnknownKeyError,
+)
+from mpcl.run.config import (
     check_overrides,
     config_keys,
     hydra_error_line,
     override_key,
     validate,
 )
-from mpcl.guards import RunInterrupted, TrainingDiverged
-from mpcl.runlog import echo, run_log
+from mpcl.run.resume import CheckpointFile
+from mpcl.run.runlog import echo, run_log
 
 # Stored overrides that never carry over from a checkpoint, and those that carry over only
 # into a resumed training run (not into eval/predict, whose configs switch them off).
@@ -49,36 +61,28 @@ def _conf_dir() -> Path:
     return Path(str(files("mpcl.conf")))
 
 
-def _task_name(hydra_main: Callable) -> str:
-    """``train`` / ``eval`` / ``predict``: the entry module's name (its config's name)."""
-    module = getattr(hydra_main, "__module__", "") or ""
-    if module == "__main__":
-        spec = getattr(sys.modules["__main__"], "__spec__", None)
-        module = getattr(spec, "name", "") or ""
-    return module.rsplit(".", 1)[-1]
-
-
 def _under(key: str, prefixes: tuple[str, ...]) -> bool:
     return any(key == p or key.startswith(p + ".") or key.startswith(p + "/") for p in prefixes)
 
 
-def checkpoint_overrides(argv: list[str], task: str) -> list[str]:
-    """The overrides stored in ``ckpt_path``'s checkpoint that ``argv`` keeps (to go first).
+def _ckpt_argument(argv: list[str]) -> str | None:
+    """The value of the last ``ckpt_path=`` on the command line (None if absent or null)."""
+    ckpt = None
+    for arg in argv:
+        if not arg.startswith("-") and override_key(arg) == "ckpt_path" and "=" in arg:
+            ckpt = arg.split("=", 1)[1]
+    return None if ckpt in (None, "", "null") else ckpt
+
+
+def checkpoint_overrides(argv: list[str], task: str, record: dict | None) -> list[str]:
+    """The overrides stored in the checkpoint's run ``record`` that ``argv`` keeps (to go
+    first).
 
     A stored override is dropped when the command line sets the same key (``data=cs2acdc``
     replaces a stored ``data=gta2cs``; a stored ``trainer.max_steps=...`` stays under a new
     ``trainer=gpu``), and so are those that would relaunch a sweep or, for eval/predict,
     switch loggers and callbacks back on.
     """
-    ckpt = None
-    for arg in argv:
-        if not arg.startswith("-") and override_key(arg) == "ckpt_path" and "=" in arg:
-            ckpt = arg.split("=", 1)[1]
-    if not ckpt or ckpt == "null" or any(a in _HYDRA_FLAGS for a in argv):
-        return []
-    from mpcl.checkpoint import read_checkpoint, stored_run
-
-    record = stored_run(read_checkpoint(ckpt))  # one-line errors for unusable files
     if record is None:
         return []
     given = {override_key(a) for a in argv if not a.startswith("-")}
@@ -106,9 +110,10 @@ def _check_creatable(directory: Path, key: str) -> None:
         ) from None
 
 
-def precheck(task: str, argv: list[str]) -> None:
+def precheck(task: str, argv: list[str], resume: CheckpointFile | None = None) -> None:
     """Compose ``conf/<task>.yaml`` with ``argv`` as Hydra will and check it (one-line
-    ConfigError), before Hydra creates the run directory."""
+    ConfigError), before Hydra creates the run directory; a training ``resume`` must leave
+    steps to train."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException, OverrideParseException
@@ -132,6 +137,8 @@ def precheck(task: str, argv: list[str]) -> None:
     finally:
         GlobalHydra.instance().clear()
     validate(cfg)
+    if resume is not None and task == "train":
+        resume.check_steps_left(int(cfg.trainer.max_steps))
     multirun = str(OmegaConf.select(cfg, "hydra.mode")) == "RunMode.MULTIRUN"
     node = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     try:
@@ -171,34 +178,50 @@ def _candidates(compose, task: str, overrides: list[str], error: Exception) -> l
     return list(dict.fromkeys(config_keys(base) + groups))
 
 
-def run_cli(hydra_main: Callable[[], None]) -> None:
-    """Console entry: check and complete the command line (see the module docstring), then
-    hand it to Hydra."""
-    task = _task_name(hydra_main)
+def run_cli(task: str, run: Callable[[DictConfig, CheckpointFile | None], Any]) -> None:
+    """Console entry of ``mpcl.<task>``: check and complete the command line (see the module
+    docstring), then run ``run(cfg, resume)`` as a Hydra app inside ``report_error``;
+    ``resume`` is the ``ckpt_path`` checkpoint already read (None in a multirun, whose jobs
+    read their own). Returns nothing; Hydra's sweepers get ``run``'s return value."""
+    import hydra
+
     argv = sys.argv[1:]
     special = any(a.startswith("-") and a not in _HYDRA_FLAGS for a in argv)  # --help, --cfg
+    multirun = any(a in _HYDRA_FLAGS for a in argv)
+    resume = None
     try:
         check_overrides(argv, _conf_dir())
-        if not special:
-            stored = checkpoint_overrides(argv, task)
-            multirun = any(a in _HYDRA_FLAGS for a in argv)
-            if not multirun and (_conf_dir() / f"{task}.yaml").is_file():
-                stored = _precheck_dropping(task, stored, argv)
+        if not special and not multirun:
+            ckpt = _ckpt_argument(argv)
+            resume = CheckpointFile.read(ckpt) if ckpt else None
+            stored = checkpoint_overrides(argv, task, resume.record if resume else None)
+            if (_conf_dir() / f"{task}.yaml").is_file():
+                stored = _precheck_dropping(task, stored, argv, resume)
             argv = stored + argv
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
     sys.argv[1:] = argv
-    hydra_main()
+
+    def task_function(cfg: DictConfig) -> Any:
+        with report_error():
+            given = resume if resume is not None and resume.is_of(cfg.get("ckpt_path")) else None
+            return run(cfg, given)
+
+    # Hydra names the job, and so its log file (<task>.log), after the task function's module.
+    task_function.__module__ = f"mpcl.{task}"
+    hydra.main(version_base="1.3", config_path="pkg://mpcl.conf", config_name=task)(task_function)()
 
 
-def _precheck_dropping(task: str, stored: list[str], argv: list[str]) -> list[str]:
+def _precheck_dropping(
+    task: str, stored: list[str], argv: list[str], resume: CheckpointFile | None
+) -> list[str]:
     """``precheck`` of ``stored + argv``; a stored override whose key the config no longer has
     (the command line chose another group, e.g. ``prototype=none``) is dropped, with a note.
     Returns the stored overrides kept."""
     while True:
         try:
-            precheck(task, stored + argv)
+            precheck(task, stored + argv, resume)
             return stored
         except UnknownKeyError as e:
             kept = [o for o in stored if override_key(o) != e.key]
@@ -266,7 +289,7 @@ def report_error() -> Iterator[None]:
             text = " ".join(str(cause).split())
             echo(f"error: {text or type(cause).__name__}", err=True)
             _remove_empty_run_dir()
-            sys.exit(2)
+            sys.exit(EXIT_BAD_INPUT)
         finally:
             # Each multirun job must close its W&B run, or the next job logs into it.
             if "wandb" in sys.modules:

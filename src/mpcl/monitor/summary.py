@@ -4,7 +4,7 @@ At the end of a multirun the :class:`SweepSummary` Hydra callback (``conf/hydra/
 writes ``summary.md`` and ``summary.csv`` into the sweep directory and prints the Markdown;
 the same from the command line, for finished, running or several sweeps:
 
-    mpcl-summarize logs/train/multiruns/<date>            # python -m mpcl.summary ...
+    mpcl-summarize logs/train/multiruns/<date>            # python -m mpcl.monitor.summary ...
     mpcl-summarize logs/a/multiruns/* logs/b/multiruns/*  # several sweeps in one table
 
 The table is the paper's shape: with two swept parameters (besides ``seed``) it is pivoted,

@@ -8,14 +8,13 @@
   finish, saves a resumable checkpoint at that step boundary and stops with the resume
   command. A second signal stops at once.
 
-Both raise exceptions that ``mpcl.cli.report_error`` turns into the message and exit status:
+Both raise exceptions that ``mpcl.run.cli.report_error`` turns into the message and exit status:
 ``TrainingDiverged`` (3) and ``RunInterrupted`` (128 + the signal: 130, 143).
 """
 
 from __future__ import annotations
 
 import os
-import shlex
 import signal
 import sys
 from pathlib import Path
@@ -24,27 +23,7 @@ from typing import Any
 import lightning as L
 import torch
 
-
-class TrainingDiverged(RuntimeError):
-    """Training produced a non-finite loss or weights (the message is one line)."""
-
-    exit_code = 3
-
-
-class RunInterrupted(Exception):
-    """SIGINT/SIGTERM stopped training after a checkpoint at ``step`` was saved to ``path``."""
-
-    def __init__(self, signum: int, step: int, path: str) -> None:
-        self.signum, self.step, self.path = signum, step, path
-        self.exit_code = 128 + signum
-        name = signal.Signals(signum).name
-        if path:
-            super().__init__(
-                f"interrupted by {name} at step {step}: saved a resumable checkpoint {path}\n"
-                f"resume with: python -m mpcl.train ckpt_path={shlex.quote(str(path))}"
-            )
-        else:
-            super().__init__(f"interrupted by {name} at step {step}: checkpoints are off")
+from mpcl.errors import RunInterrupted, TrainingDiverged
 
 
 def _newest_checkpoint(trainer: L.Trainer) -> str:
@@ -68,36 +47,23 @@ class DivergenceGuard(L.Callback):
         # names of the logged loss terms -> (first non-finite step, its value), on the device;
         # step -1 = finite so far.
         self._first: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._terms: dict[str, torch.Tensor] = {}
-        self._module: L.LightningModule | None = None
         self.checked_step = 0
-
-    # -- recording (no host sync) ---------------------------------------------------------
-    def _log(self, original, name: str, value: Any, *args, **kwargs) -> None:
-        if name.startswith("train/loss") and isinstance(value, torch.Tensor):
-            self._terms[name] = value.detach()
-        return original(name, value, *args, **kwargs)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._every = max(1, self.check_every_n_steps or trainer.log_every_n_steps or 1)
         self._first.clear()
-        self._terms.clear()
-        # The module logs its loss terms (train/loss_*) with self.log: keep this step's values.
-        self._module = pl_module
-        original = type(pl_module).log.__get__(pl_module)
-        pl_module.log = lambda name, value, *a, **k: self._log(original, name, value, *a, **k)
-
-    def _unwrap(self) -> None:
-        if self._module is not None:
-            self._module.__dict__.pop("log", None)
-            self._module = None
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
+        # The step's outputs: the total ``loss`` and its terms under ``logs`` (mpcl.uda).
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        terms = dict(self._terms)
-        self._terms.clear()
+        logs = outputs.get("logs", {}) if isinstance(outputs, dict) else {}
+        terms = {
+            f"train/{name}": value
+            for name, value in logs.items()
+            if name.startswith("loss") and isinstance(value, torch.Tensor)
+        }
         if isinstance(loss, torch.Tensor):
             terms["train/loss"] = loss.detach()
         if terms:
@@ -166,20 +132,13 @@ class DivergenceGuard(L.Callback):
             self.check(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._unwrap()
         self.check(trainer, pl_module)
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exc: BaseException):
-        self._unwrap()
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._unwrap()
 
 
 class InterruptGuard(L.Callback):
     """Save a resumable checkpoint on SIGINT/SIGTERM and stop (see the module docstring).
 
-    The checkpoint is written by the run's ``mpcl.checkpoint.Checkpoint`` (its periodic file
+    The checkpoint is written by the run's ``mpcl.run.checkpoint.Checkpoint`` (its periodic file
     and ``last.ckpt``), else to ``<run dir>/checkpoints/last.ckpt``, at the end of the step
     during which the signal came: the same point as a periodic checkpoint, so resuming from it
     is exact. Single-process training only (under DDP every rank must get the signal).

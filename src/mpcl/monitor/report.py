@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from mpcl.dashboard import is_offline
+from mpcl.monitor.dashboard import is_offline
 
 
 def _log_dir(trainer: L.Trainer) -> str | None:
@@ -32,7 +32,7 @@ def final_report(
     if trainer.global_rank != 0:
         return
     console = Console()
-    iou = getattr(module, "last_val_iou", None)
+    iou = module.last_val_iou
     if iou is not None:
         table = Table(title="target val IoU (%)")
         table.add_column("class")

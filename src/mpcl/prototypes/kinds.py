@@ -1,4 +1,8 @@
-"""Prototypes: C classes x K prototypes held as buffers (non-learnable, EMA-updated).
+"""The prototype kinds: C classes x K prototypes held as buffers (non-learnable, EMA-updated).
+
+``CentroidPrototypes`` (Eqs. 5 and 8) and ``GaussianPrototypes`` (Eqs. 6-7 and 9) share the
+``Prototypes`` base: its means, initialised flags, ``initialize`` (from K-Means) and EMA
+update (Eqs. 20-21).
 
 Shapes: N = pixels, C = classes, K = prototypes per class, D = feature channels.
 """
@@ -6,12 +10,24 @@ Shapes: N = pixels, C = classes, K = prototypes per class, D = feature channels.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from mpcl.prototypes.clustering import distributed_ready
+
+
+def check_K(K: int) -> None:
+    """Raise a one-line ValueError naming ``prototype.K`` unless K is an integer >= 1.
+
+    The one check of K: ``Prototypes`` and ``PrototypeLearning`` both call it.
+    """
+    if isinstance(K, bool) or not isinstance(K, numbers.Integral) or K < 1:
+        raise ValueError(
+            f"prototype.K={K!r} must be >= 1 prototypes per class (an integer; paper: 5)"
+        )
 
 
 def _all_reduce_sum(*tensors: torch.Tensor) -> None:
@@ -32,8 +48,7 @@ class Prototypes(nn.Module):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
-        if K < 1:
-            raise ValueError(f"prototype.K={K} must be >= 1 prototypes per class (paper: 5)")
+        check_K(K)
         if dim < 1:
             raise ValueError(f"prototype dim must be >= 1, got {dim}.")
         self.num_classes = num_classes
@@ -197,6 +212,9 @@ class CentroidPrototypes(Prototypes):
 
 class GaussianPrototypes(Prototypes):
     """Gaussian prototypes N(mu_k^(c), diag(var_k^(c))) (Eq. 7); similarity = log N / D (Eq. 9).
+
+    The K prototypes of a class are the components of its Gaussian mixture (Eq. 6); the
+    mixture weights pi_c,k are not used (Eq. 11 takes the max over the components).
 
     The log-likelihood is divided by D (mean per-dimension log-likelihood) so that its scale
     does not grow with D and a temperature of 0.1 does not saturate the softmax at D = 256.

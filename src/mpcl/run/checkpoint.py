@@ -9,16 +9,18 @@
   and the checkpoint cadence.
 * ``RunConfig``: stores the resolved config and the command-line overrides in every checkpoint
   (key ``"mpcl"``), so that ``mpcl.eval`` / ``mpcl.predict`` / a resume rebuild the run from
-  the checkpoint alone (``mpcl.cli`` puts the stored overrides before the user's).
-* ``read_checkpoint`` / ``check_state_dict``: unreadable or mismatched checkpoints are a
-  one-line ``ConfigError``, not a traceback.
+  the checkpoint alone (``mpcl.run.cli`` puts the stored overrides before the user's).
+* ``read_checkpoint`` / ``check_state_dict``: unreadable or mismatched
+  checkpoints are a one-line ``ConfigError``, not a traceback.
 
     trainer = L.Trainer(plugins=[AtomicCheckpointIO()], callbacks=[Checkpoint(...), RunConfig(cfg)])
+
+Resuming (which file, read once, handed to Lightning through ``AtomicCheckpointIO``):
+``mpcl.run.resume``.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import warnings
@@ -31,7 +33,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from mpcl.config import ConfigError
+from mpcl.errors import ConfigError
 from mpcl.io import atomic_path, remove_stale_temps
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,22 @@ RUN_KEY = "mpcl"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` to ``.<name>.<pid>@<host>.tmp`` beside the target, fsync, rename."""
+    """``torch.save`` to ``.<name>.<pid>@<host>.tmp`` beside the target, fsync, rename.
+
+    Args:
+        loaded: a checkpoint already read (``mpcl.run.resume.CheckpointFile``): (path, contents).
+            Lightning's resume then gets these contents instead of reading the file again.
+    """
+
+    def __init__(self, loaded: tuple[str | os.PathLike, dict] | None = None) -> None:
+        super().__init__()
+        self._loaded = (Path(loaded[0]).resolve(), loaded[1]) if loaded else None
+
+    def load_checkpoint(self, path: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+        if self._loaded is not None and Path(path).resolve() == self._loaded[0]:
+            checkpoint, self._loaded = self._loaded[1], None  # handed over once
+            return checkpoint
+        return super().load_checkpoint(path, **kwargs)
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
@@ -66,13 +83,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class Checkpoint(ModelCheckpoint):
     """``ModelCheckpoint`` that saves the final step too (Lightning does not re-save ``last``
-    at the end of training when a periodic checkpoint was written before it), and that clears
-    temp files a killed save left in its directory."""
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if trainer.is_global_zero and self.dirpath and stage == "fit":
-            remove_stale_temps(self.dirpath)
+    at the end of training when a periodic checkpoint was written before it)."""
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.save_now(trainer)
@@ -143,10 +154,13 @@ def _load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)  # legacy format
 
 
-@functools.lru_cache(maxsize=2)
-def _read_cached(path: str, mtime_ns: int, size: int) -> dict:
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a training checkpoint (CPU, memory-mapped, ``weights_only``); a missing, empty,
+    truncated or foreign file is a one-line ``ConfigError`` naming it."""
     p = Path(path)
-    if size == 0:
+    if not p.is_file():
+        raise ConfigError(f"ckpt_path={p} does not exist: give the path of a .ckpt file")
+    if p.stat().st_size == 0:
         raise ConfigError(
             f"cannot read checkpoint {p}: it is empty (0 bytes, a copy or save cut short): "
             "use an earlier checkpoint"
@@ -161,16 +175,6 @@ def _read_cached(path: str, mtime_ns: int, size: int) -> dict:
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ConfigError(f"{p} has no state_dict: it is not an mpcl training checkpoint")
     return checkpoint
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a training checkpoint (CPU, memory-mapped, ``weights_only``); a missing, empty,
-    truncated or foreign file is a one-line ``ConfigError`` naming it."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"ckpt_path={p} does not exist: give the path of a .ckpt file")
-    st = p.stat()
-    return _read_cached(str(p.resolve()), st.st_mtime_ns, st.st_size)
 
 
 def stored_run(checkpoint: dict) -> dict | None:
@@ -213,14 +217,18 @@ def checkpoint_step(checkpoint: dict) -> int:
     return int(checkpoint.get("global_step", 0))
 
 
-def remove_stale_checkpoint_temps(log_dir: str | os.PathLike) -> int:
+def remove_stale_checkpoint_temps(
+    log_dir: str | os.PathLike | None, *directories: str | os.PathLike
+) -> int:
     """Clear temp files that killed saves left in the runs under ``log_dir``
-    (``<task>/runs/<run>/checkpoints`` and ``<task>/multiruns/<sweep>/<job>/checkpoints``)."""
-    root = Path(log_dir)
-    removed = 0
-    for pattern in ("*/runs/*/checkpoints", "*/multiruns/*/*/checkpoints"):
-        for directory in root.glob(pattern):
-            removed += remove_stale_temps(directory)
+    (``<task>/runs/<run>/checkpoints`` and ``<task>/multiruns/<sweep>/<job>/checkpoints``) and
+    in ``directories`` (e.g. the checkpoint directory a run resumes from)."""
+    found = [Path(d) for d in directories if d and Path(d).is_dir()]
+    if log_dir:
+        root = Path(log_dir)
+        for pattern in ("*/runs/*/checkpoints", "*/multiruns/*/*/checkpoints"):
+            found += list(root.glob(pattern))
+    removed = sum(remove_stale_temps(d) for d in dict.fromkeys(p.resolve() for p in found))
     if removed:
-        log.info("removed %d temp files left by killed checkpoint saves under %s", removed, root)
+        log.info("removed %d temp files left by killed checkpoint saves", removed)
     return removed

@@ -11,10 +11,12 @@ import torch
 from conftest import compose_train, subprocess_env, tiny_synthetic
 from hydra_targets import initial_prototypes
 
-from mpcl.checkpoint import AtomicCheckpointIO
 from mpcl.data.datamodule import PairSampler, ShardSampler
-from mpcl.distributed import SyncBatchNormAnyDevice, check_launch, file_lock
-from mpcl.train import build
+from mpcl.io import file_lock
+from mpcl.run.build import build
+from mpcl.run.checkpoint import AtomicCheckpointIO
+from mpcl.run.launch import check_launch
+from mpcl.run.sync_batchnorm import SyncBatchNormAnyDevice
 
 TESTS = Path(__file__).parent
 
@@ -74,7 +76,7 @@ def test_random_choices_of_ranks_are_the_union_batchs(world, monkeypatch):
         gen = torch.Generator().manual_seed(7)  # seeded alike in every process
         batch = labels.shape[0]
         return [
-            class_mix_mask(labels, generator=gen),
+            class_mix_mask(labels, 19, generator=gen),
             StrongAugment().sample(batch, generator=gen)["factors"],
             block_mask(torch.zeros(batch, 3, 32, 32), 8, 0.5, generator=gen),
         ]

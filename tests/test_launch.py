@@ -14,7 +14,7 @@ from conftest import compose_train, subprocess_env, tiny_synthetic
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from mpcl.distributed import requeue_checkpoint
+from mpcl.run.launch import requeue_checkpoint
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason='pip install -e ".[cluster]"')
 TESTS = Path(__file__).parent

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import RichProgressBar
 from omegaconf import DictConfig
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -203,3 +204,11 @@ class ProgressLog(L.Callback):
         ]
         if shown:
             to_file(f"validation at step {trainer.global_step}: " + " | ".join(shown))
+
+
+class IterationProgressBar(RichProgressBar):
+    """Rich progress bar labelled by iterations (training is iteration based: one epoch is
+    the whole run, so the bar's count and ETA are over ``max_steps``)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"train (max_steps={self.trainer.max_steps})"

@@ -11,11 +11,13 @@ import pytest
 import torch
 from conftest import compose_train, tiny_synthetic
 
-from mpcl.config import ConfigError
 from mpcl.data.labels import CITYSCAPES_ID_TO_TRAIN_ID, IGNORE_INDEX, NUM_CLASSES
-from mpcl.eval import evaluate, load_weights
+from mpcl.errors import ConfigError
+from mpcl.eval import evaluate
 from mpcl.predict import predict
-from mpcl.train import build, train
+from mpcl.run.build import build
+from mpcl.run.resume import CheckpointFile
+from mpcl.train import train
 
 pytestmark = pytest.mark.slow  # end to end: trains, spawns processes or runs a script
 
@@ -89,16 +91,16 @@ def test_eval_rejects_missing_and_mismatched_checkpoints(trained, tmp_path):
     cfg = compose_train(overrides, tmp_path)
     _, module, _ = build(cfg)
     with pytest.raises(ConfigError, match="does not exist"):
-        load_weights(module, tmp_path / "nope.ckpt")
+        CheckpointFile.read(tmp_path / "nope.ckpt")
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="cannot read checkpoint"):
-        load_weights(module, bad)
+        CheckpointFile.read(bad)
     no_prototypes = [o for o in overrides if not o.startswith("prototype.")]
     cfg = compose_train([*no_prototypes, "prototype=none"], tmp_path / "b")
     _, baseline, _ = build(cfg)
     with pytest.raises(ConfigError, match="does not match the configured model"):
-        load_weights(baseline, ckpt)
+        CheckpointFile.read(ckpt).load_into(baseline)
 
 
 def test_notebook_draws_the_prototype_figures(trained, monkeypatch):
