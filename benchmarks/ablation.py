@@ -19,6 +19,12 @@ go below 2 / 2^n (0.25 for 3 seeds, 0.0625 for 5).
 A longer schedule for the prototypes to act: ``--extra trainer.max_steps=2000
 trainer.val_check_interval=2000 uda.scheduler.warmup_steps=300`` (one run is then about
 3x the default's time).
+
+Issue 21's paired study (from the cached source-only start, common random numbers), two runs
+at a time, against the control with both prototype losses off:
+
+    python benchmarks/ablation.py --root /tmp/study --rows study_control study_mpcl \
+        --seeds 0 1 2 3 4 5 6 7 8 9 --baseline study_control --run --workers 2 --csv study.csv
 """
 
 from __future__ import annotations
@@ -31,9 +37,12 @@ import os
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 MPCL = "experiment=synthetic_gaussian"  # the default main job: DACS + Gaussian MPCL
+STUDY = ["init_from=source_only", "trainer.max_steps=2000", "trainer.val_check_interval=2000"]
+NO_LOSSES = ["prototype.lambda_contrast=0", "prototype.lambda_consistency=0"]
 # name -> overrides; groups follow the paper's tables and issue #11's items.
 LADDER: dict[str, tuple[str, list[str]]] = {
     "baseline": ("Table VI", ["experiment=synthetic_baseline"]),
@@ -53,8 +62,9 @@ LADDER: dict[str, tuple[str, list[str]]] = {
     "bank_24k": ("Table XI", [MPCL, "prototype.feature_bank_size=24000"]),
     "theta_0.9": ("Table XI", [MPCL, "uda.pseudo_threshold=0.9"]),
     "theta_0.99": ("Table XI", [MPCL, "uda.pseudo_threshold=0.99"]),
-    "alpha_0.99": ("Table XI", [MPCL, "prototype.momentum=0.99"]),
-    "alpha_0.9999": ("Table XI", [MPCL, "prototype.momentum=0.9999"]),
+    # One alpha for the teacher (Eq. 2) and the prototypes (Eqs. 20-21), as in the paper.
+    "alpha_0.99": ("Table XI", [MPCL, "uda.ema_alpha=0.99"]),
+    "alpha_0.9999": ("Table XI", [MPCL, "uda.ema_alpha=0.9999"]),
     "queue": ("item 1", [MPCL, "prototype.bank_mode=queue"]),
     "queue_12k": (
         "item 1",
@@ -71,6 +81,12 @@ LADDER: dict[str, tuple[str, list[str]]] = {
     # Issue #14: a tiny randomly initialised DINOv2-style ViT instead of MiT-B0.
     "vfm_baseline": ("issue 14", ["experiment=synthetic_vfm_baseline"]),
     "vfm_gaussian": ("issue 14", ["experiment=synthetic_vfm_gaussian"]),
+    # Issue 21's study: from the cached source-only start (init_from=source_only), 2000
+    # iterations, common random numbers; the control switches both prototype losses off.
+    "study_control": ("issue 21", [MPCL, *STUDY, *NO_LOSSES]),
+    "study_mpcl": ("issue 21", [MPCL, *STUDY]),
+    "study_K1": ("issue 21", [MPCL, *STUDY, "prototype.K=1"]),
+    "study_dacs": ("issue 21", ["experiment=synthetic_baseline", *STUDY]),
 }
 
 
@@ -128,6 +144,26 @@ def _beta_cf(a: float, b: float, x: float) -> float:
     return h
 
 
+def t_quantile(p: float, df: int) -> float:
+    """The t value with two-sided tail probability ``p`` (e.g. 0.05 -> the 97.5 % quantile),
+    by bisection on ``_t_sf_two_sided``."""
+    low, high = 0.0, 1e3
+    for _ in range(200):
+        mid = (low + high) / 2
+        low, high = (mid, high) if _t_sf_two_sided(mid, df) > p else (low, mid)
+    return (low + high) / 2
+
+
+def paired_ci(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float]:
+    """The ``level`` confidence interval of the mean paired difference a - b (Student's t)."""
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    n = len(diffs)
+    if n < 2:
+        return float("nan"), float("nan")
+    half = t_quantile(1 - level, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
+    return statistics.mean(diffs) - half, statistics.mean(diffs) + half
+
+
 def paired_t_test(a: list[float], b: list[float]) -> float:
     """Two-sided p-value of the paired t-test of a vs b (same seeds, same order)."""
     diffs = [x - y for x, y in zip(a, b, strict=True)]
@@ -152,17 +188,31 @@ def sign_flip_test(a: list[float], b: list[float]) -> float:
     return hits / len(flips)
 
 
-def run(root: Path, rows: list[str], seeds: list[int], extra: list[str]) -> None:
-    """Train rows x seeds one after the other; finished runs (with a val/mIoU) are skipped."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run(root: Path, rows: list[str], seeds: list[int], extra: list[str], workers: int = 1) -> None:
+    """Train rows x seeds, ``workers`` at a time (each with cores / workers torch threads);
+    finished runs (with a val/mIoU) are skipped, so an interrupted study picks up again."""
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
+    commands = []
     for seed, name in itertools.product(seeds, rows):  # seed-major: pairs complete early
         out = root / f"{name}_{seed}"
         if final_metric(out / "csv" / "metrics.csv", "val/mIoU") is not None:
             continue
         cmd = [sys.executable, "-m", "mpcl.train", *LADDER[name][1], *extra, f"seed={seed}"]
-        cmd += [f"hydra.run.dir={out}", "callbacks.progress_bar=null"]
+        commands.append([*cmd, f"hydra.run.dir={out}", "callbacks.progress_bar=null"])
+
+    def one(cmd: list[str]) -> int:
         print("+", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True, env=env)
+        log = Path(cmd[-2].split("=", 1)[1] + ".log")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("w") as f:
+            return subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+
+    with ThreadPoolExecutor(workers) as pool:
+        codes = list(pool.map(one, commands))
+    failed = [c[-2] for c, code in zip(commands, codes, strict=True) if code]
+    if failed:
+        sys.exit(f"error: {len(failed)} of {len(commands)} runs failed: {', '.join(failed)}")
 
 
 def summarise(root: Path, rows: list[str], seeds: list[int], baseline: str) -> list[str]:
@@ -175,8 +225,8 @@ def summarise(root: Path, rows: list[str], seeds: list[int], baseline: str) -> l
     base = values(baseline)
     lines = [
         f"| row | group | seeds | per seed | mIoU mean ± std | vs {baseline} (paired) | "
-        "t-test p | sign-flip p | prototype-output mIoU |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "95 % CI | t-test p | sign-flip p | prototype-output mIoU |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name in rows:
         got = values(name)
@@ -189,15 +239,16 @@ def summarise(root: Path, rows: list[str], seeds: list[int], baseline: str) -> l
         proto_text = _mean_std(list(proto.values())) if proto else "-"
         paired = [s for s in seeds_run if s in base]
         if name == baseline or len(paired) < 2:
-            diff = t_p = flip_p = "-"
+            diff = ci = t_p = flip_p = "-"
         else:
             a, b = [got[s] for s in paired], [base[s] for s in paired]
             d = [x - y for x, y in zip(a, b, strict=True)]
             diff = f"{statistics.mean(d):+.2f} ± {statistics.stdev(d):.2f} (n={len(d)})"
+            ci = "[{:+.2f}, {:+.2f}]".format(*paired_ci(a, b))
             t_p, flip_p = f"{paired_t_test(a, b):.3f}", f"{sign_flip_test(a, b):.3f}"
         lines.append(
             f"| {name} | {LADDER.get(name, ('-',))[0]} | {','.join(map(str, seeds_run))} | "
-            f"{per_seed} | {mean_std} | {diff} | {t_p} | {flip_p} | {proto_text} |"
+            f"{per_seed} | {mean_std} | {diff} | {ci} | {t_p} | {flip_p} | {proto_text} |"
         )
     return lines
 
@@ -238,6 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run", action="store_true", help="train missing runs first")
     parser.add_argument("--list", action="store_true", help="print the rows and exit")
     parser.add_argument("--csv", type=Path, help="also write every finished run's values here")
+    parser.add_argument("--workers", type=int, default=1, help="runs at a time (with --run)")
     args = parser.parse_args(argv)
     if args.list:
         for name, (group, overrides) in LADDER.items():
@@ -247,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         sys.exit(f"error: unknown rows {unknown}: see --list")
     if args.run:
-        run(args.root, args.rows, args.seeds, args.extra)
+        run(args.root, args.rows, args.seeds, args.extra, args.workers)
     print("\n".join(summarise(args.root, args.rows, args.seeds, args.baseline)))
     if args.csv:
         write_csv(args.root, args.rows, args.seeds, args.csv)

@@ -2,6 +2,8 @@
 
     # the nine GTA -> Cityscapes experiments at their size (MiT-B5, 640 / 1024 crops, batch 2):
     python benchmarks/flops.py
+    # the forward FLOPs of each student pass (source, mixed, MIC's masked image):
+    python benchmarks/flops.py --passes --experiments mic_gaussian
     # the fraction of the H100's dense bf16 peak they would use at a measured s/iter:
     python benchmarks/flops.py --experiments mic_gaussian --s-per-iter 0.42
     # Hydra overrides go before --experiments (which takes every word after it):
@@ -175,6 +177,56 @@ def count_flops(
     return row
 
 
+def count_pass_flops(
+    experiment: str,
+    overrides: list[str] | None = None,
+    crop: int | None = None,
+    tiny: bool = False,
+) -> dict:
+    """Forward FLOPs of each student pass of one training step, on meta tensors (no GPU).
+
+    Returns dict with ``passes``: per ``student.forward_train`` call of the step, in order
+    (source, mixed, then MIC's masked image), (FLOPs, whether it ran the prototype head);
+    ``with_features`` and ``logits_only``: the FLOPs of one forward with and without the
+    prototype head on the same batch (equal without a head).
+    """
+    overrides = step_time._model_overrides(experiment, tiny, crop) + list(overrides or [])
+    torch.manual_seed(0)
+    cfg, module, _ = step_time.build(experiment, overrides, torch.device("cpu"))
+    crop = crop or int(cfg.benchmark.crop_size)
+    learner = module.prototype
+    module.prototype = None
+    module.to("meta")
+    if learner is not None:
+        module.prototype = RealPrototypes(learner)
+    counter = FlopCounterMode(display=False)
+    student, passes = module.student, []
+    forward_train = student.forward_train
+
+    def metered(images, *args, **kwargs):
+        before = counter.get_total_flops()
+        out = forward_train(images, *args, **kwargs)
+        has_features = any(
+            v is not None
+            for k, v in out.items()
+            if k.endswith("features") and k != "encoder_features"
+        )
+        passes.append((counter.get_total_flops() - before, has_features))
+        return out
+
+    student.forward_train = metered
+    batch = step_time.random_batch(crop, torch.device("meta"))
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        module.training_step(batch, 0)
+    del student.forward_train  # the class's method again
+    reference = {}
+    for name, flag in (("with_features", True), ("logits_only", False)):
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as single:
+            student.forward_train(batch["source_image"], with_features=flag)
+        reference[name] = single.get_total_flops()
+    return {"experiment": experiment, "crop": crop, "passes": passes} | reference
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -192,8 +244,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--device", default="meta", help="meta (shapes only, default) or cpu (real tensors)"
     )
+    parser.add_argument(
+        "--passes", action="store_true", help="forward GFLOP of each student pass instead"
+    )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides (before --experiments)")
     args = parser.parse_args(argv)
+    if args.passes:
+        rows = [count_pass_flops(e, args.overrides, args.crop, args.tiny) for e in args.experiments]
+        print(
+            "| experiment | crop | student passes: forward GFLOP (prototype head) | "
+            "one forward with / without the head |"
+        )
+        print("| --- | ---: | --- | --- |")
+        for r in rows:
+            passes = ", ".join(f"{f * 1e-9:,.0f} ({'yes' if h else 'no'})" for f, h in r["passes"])
+            print(
+                f"| {r['experiment']} | {r['crop']} | {passes} | "
+                f"{r['with_features'] * 1e-9:,.0f} / {r['logits_only'] * 1e-9:,.0f} |"
+            )
+        return rows
     rows = [
         count_flops(e, args.overrides, args.crop, args.tiny, args.device) for e in args.experiments
     ]

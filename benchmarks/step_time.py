@@ -66,7 +66,8 @@ def _model_overrides(experiment: str, tiny: bool, crop: int | None) -> list[str]
 
 
 def build(experiment: str, overrides: list[str], device: torch.device):
-    cfg = compose_experiment(experiment, overrides)
+    # The steady-state step: without the gradient-ratio diagnostic (every 50th step only).
+    cfg = compose_experiment(experiment, ["uda.diagnostics_every=0", *overrides])
     module = build_module(cfg).to(device)
     prototype = module.prototype
     optimizer = module.configure_optimizers()["optimizer"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,16 @@ def test_csv_lists_each_finished_run(tmp_path):
     assert lines[0] == "row,group,seed,miou,miou_prototype,overrides"
     assert lines[1] == "baseline,Table VI,0,20.5000,,experiment=synthetic_baseline"
     assert lines[2].startswith("queue,item 1,1,21.2500,,experiment=synthetic_gaussian ")
+
+
+def test_paired_confidence_interval_matches_scipy():
+    from scipy import stats
+
+    for df in (1, 4, 9, 30):
+        assert math.isclose(ablation.t_quantile(0.05, df), stats.t.ppf(0.975, df), rel_tol=1e-6)
+    a = [21.3, 20.8, 22.1, 21.0, 21.7, 20.9, 21.4, 21.8, 21.1, 20.6]
+    b = [21.0, 20.9, 21.5, 20.7, 21.6, 20.2, 21.3, 21.1, 21.2, 20.5]
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    low, high = stats.t.interval(0.95, len(d) - 1, loc=statistics.mean(d), scale=stats.sem(d))
+    got = ablation.paired_ci(a, b)
+    assert math.isclose(got[0], low, rel_tol=1e-6) and math.isclose(got[1], high, rel_tol=1e-6)

@@ -3,7 +3,11 @@ once on its way to Lightning, and one line with an exit status for each error ty
 
 from __future__ import annotations
 
+import io
+import os
 import signal
+import sys
+from contextlib import redirect_stdout
 
 import pytest
 import torch
@@ -14,9 +18,11 @@ import mpcl.train
 from mpcl.errors import (
     EXIT_BAD_INPUT,
     EXIT_DIVERGED,
+    EXIT_SWEEP_FAILED,
     CheckpointError,
     ConfigError,
     RunInterrupted,
+    SweepFailed,
     TrainingDiverged,
 )
 from mpcl.run.cli import _ckpt_argument, checkpoint_overrides, report_error
@@ -56,6 +62,7 @@ def test_the_last_ckpt_path_on_the_command_line_counts():
         (CheckpointError("bad weights"), EXIT_BAD_INPUT),
         (FileNotFoundError("no such file y"), EXIT_BAD_INPUT),
         (TrainingDiverged("training diverged at step 2"), EXIT_DIVERGED),
+        (SweepFailed("1 of 2 jobs failed: job 0 (exit 3: ...)"), EXIT_SWEEP_FAILED),
         (RunInterrupted(signal.SIGTERM, 3, "/r/last.ckpt"), 128 + signal.SIGTERM),
     ],
 )
@@ -91,7 +98,8 @@ def test_a_resume_reads_its_checkpoint_once(cache_dir, tmp_path, monkeypatch):
     real, reads = torch.load, []
 
     def counting_load(f, *args, **kwargs):
-        name = str(getattr(f, "name", getattr(f, "path", f)))
+        # a path (str or Path: a Path's .name is only its last part) or an open file
+        name = str(f) if isinstance(f, str | os.PathLike) else str(getattr(f, "name", f))
         if name.endswith(".ckpt"):
             reads.append(name)
         return real(f, *args, **kwargs)
@@ -100,3 +108,31 @@ def test_a_resume_reads_its_checkpoint_once(cache_dir, tmp_path, monkeypatch):
     code, out, err = run_main(mpcl.train.main, [f"ckpt_path={ckpt}", "trainer.max_steps=3"])
     assert code == 0, error_lines(err) or err[-3000:]
     assert reads == [str(ckpt.resolve())] or reads == [str(ckpt)], reads
+
+
+@pytest.mark.parametrize(
+    ("argv0", "prog"),
+    [("mpcl.train", "python -m mpcl.train"), ("/venv/bin/mpcl-train", "mpcl-train")],
+)
+def test_help_is_a_short_usage_with_examples_named_as_typed(argv0, prog, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [argv0, "--help"])
+    out = io.StringIO()
+    with pytest.raises(SystemExit) as info, redirect_stdout(out):
+        mpcl.train.main()
+    text = out.getvalue()
+    assert info.value.code == 0
+    assert text.startswith(f"usage: {prog} [-m] ")
+    assert f"  {prog} -m prototype.K=1,3,5" in text  # the README's examples, first
+    assert text.index("examples:") < text.index("config groups")
+    assert "prototype: centroid, gaussian, none" in text
+    assert f"{prog} [overrides] --cfg job" in text
+    assert len(text.splitlines()) < 50 and "_target_" not in text  # no config dump
+
+
+def test_prepare_help_names_the_command_as_typed(monkeypatch, capsys):
+    import mpcl.prepare
+
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/mpcl-prepare", "--help"])
+    with pytest.raises(SystemExit):
+        mpcl.prepare.main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: mpcl-prepare ")

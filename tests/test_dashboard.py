@@ -12,7 +12,9 @@ import torch
 from conftest import compose_train, tiny_synthetic
 from wandb_records import read_run
 
-from mpcl.monitor.dashboard import WandbExtras, debug_grid
+from mpcl.data.labels import CITYSCAPES
+from mpcl.monitor.dashboard import WandbExtras
+from mpcl.monitor.debug_images import debug_grid
 from mpcl.train import train
 
 
@@ -72,7 +74,7 @@ def test_debug_grid_draws_each_intermediate_in_its_column():
         "pseudo_label": torch.full((b, h, w), 13),
         "mic_mask": torch.ones(b, 1, h // 2, w // 2),  # other sizes are resized
     }
-    grid = debug_grid(images, max_rows=1)
+    grid = debug_grid(images, CITYSCAPES.palette, max_rows=1)
     assert grid.shape == (16 + h, 3 * w, 3)
     cells = grid[16:]
     assert (cells[:, :w] == 0).all()  # black source image

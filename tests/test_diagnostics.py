@@ -26,7 +26,11 @@ def test_diagnostics_match_loops(with_refined):
     sim, labels, active, assignment, positive = _step()
     initialized = torch.tensor([True, True, False])
     refined = torch.tensor([True, False, False]) if with_refined else None
-    out = step_diagnostics(sim, labels, active, assignment, positive, initialized, refined)
+    gen = torch.Generator().manual_seed(3)
+    mean, start = torch.randn(2, C, K, 5, generator=gen, dtype=torch.float64)
+    out = step_diagnostics(
+        sim, labels, active, assignment, positive, initialized, refined, mean, start
+    )
 
     rows = [i for i in range(N) if active[i]]
     entropy = sum(
@@ -40,15 +44,26 @@ def test_diagnostics_match_loops(with_refined):
         scores = [max(float(s) for s in sim[i, c]) for c in range(C)]
         best = max((c for c in range(C) if initialized[c]), key=lambda c: scores[c])
         correct += best == int(labels[i])
+    shares = []
+    for c in present:
+        counts = [sum(int(positive[i]) == c * K + k for i in rows) for k in range(K)]
+        shares.append(min(counts) / (sum(counts) / K))
+    drift = [
+        sum(math.dist(mean[c, k].tolist(), start[c, k].tolist()) for k in range(K)) / K
+        for c in range(C)
+        if initialized[c]
+    ]
     expected = {
         "num_initialized": 2.0,
         "num_pixels": float(len(rows)),
         "assignment_entropy": entropy / len(rows) / math.log(K),
         "prototype_usage": usage,
         "proto_accuracy": correct / len(rows),
+        "assignment_balance": sum(shares) / len(shares),
     }
     if with_refined:
         expected["num_refined"] = 1.0
+    expected["drift"] = sum(drift) / len(drift)
     assert list(out) == list(expected)
     for key, value in expected.items():
         assert out[key].dim() == 0 and not out[key].requires_grad
@@ -60,7 +75,7 @@ def test_no_active_pixel_gives_zeros():
     none = torch.zeros(N, dtype=torch.bool)
     out = step_diagnostics(sim, labels, none, assignment, positive, torch.ones(C, dtype=bool))
     assert float(out["num_pixels"]) == 0 and float(out["num_initialized"]) == C
-    for key in ("assignment_entropy", "prototype_usage", "proto_accuracy"):
+    for key in ("assignment_entropy", "prototype_usage", "proto_accuracy", "assignment_balance"):
         assert float(out[key]) == 0.0, key
 
 
@@ -80,5 +95,5 @@ def test_the_step_logs_the_diagnostics(early_start):
     labels = torch.randint(0, C, (2, 8, 8))
     out = module(features, labels)
     names = ["loss", "loss_contrast", "loss_consistency", "num_initialized", "num_pixels"]
-    names += ["assignment_entropy", "prototype_usage", "proto_accuracy"]
-    assert list(out) == names + (["num_refined"] if early_start else [])
+    names += ["assignment_entropy", "prototype_usage", "proto_accuracy", "assignment_balance"]
+    assert list(out) == names + (["num_refined"] if early_start else []) + ["drift"]

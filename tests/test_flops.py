@@ -87,3 +87,39 @@ def test_meta_tensors_count_what_real_tensors_count():
     meta = flops.count_flops("mic_gaussian", crop=64, tiny=True, device="meta")
     real = flops.count_flops("mic_gaussian", crop=64, tiny=True, device="cpu")
     assert meta == real
+
+
+@pytest.mark.parametrize("experiment", ["mic_gaussian", "mic_baseline"])
+def test_no_student_pass_runs_the_prototype_head_for_nothing(experiment):
+    """Per pass, on meta tensors: the source and mixed passes feed the prototype losses (head
+    on), MIC's masked pass feeds only its segmentation loss (head off: logits-only FLOPs)."""
+    r = flops.count_pass_flops(experiment, crop=64, tiny=True)
+    (source, src_head), (mixed, mix_head), (masked, masked_head) = r["passes"]
+    with_head = experiment.endswith("gaussian")
+    assert (src_head, mix_head, masked_head) == (with_head, with_head, False)
+    assert source == mixed == r["with_features"]
+    assert masked == r["logits_only"]
+    if with_head:  # the head is a large part of a forward: skipping it shows in the count
+        assert r["logits_only"] < 0.6 * r["with_features"]
+
+
+def test_skipping_the_prototype_head_changes_no_loss_gradient_or_random_draw():
+    """MIC's masked pass without the prototype head: the same segmentation loss, gradients
+    and random stream as the full forward (the head draws no random numbers)."""
+    _, module, _ = flops.step_time.build(
+        "mic_gaussian", flops.step_time._model_overrides("mic_gaussian", True, 64), "cpu"
+    )
+    student = module.student.train()
+    images, labels = torch.rand(2, 3, 64, 64), torch.randint(0, 19, (2, 64, 64))
+    results = []
+    for with_features in (True, False):
+        torch.manual_seed(0)
+        student.zero_grad(set_to_none=True)
+        loss = student.seg_loss(student.forward_train(images, with_features), labels, None)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads, torch.get_rng_state()))
+    (loss_a, grads_a, rng_a), (loss_b, grads_b, rng_b) = results
+    assert torch.equal(loss_a, loss_b) and torch.equal(rng_a, rng_b)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    assert all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)

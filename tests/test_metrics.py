@@ -51,3 +51,26 @@ def test_logits_input_is_argmaxed():
     logits[0, 2] = 1.0
     metric.update(logits, torch.full((1, 2, 2), 2))
     assert metric.compute()[2].item() == 1.0
+
+
+def test_class_separation_is_fishers_ratio_against_a_direct_computation():
+    from mpcl.metrics import ClassSeparation
+
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(60, 4, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 3, (60,), generator=gen)
+    labels[:5] = 255  # ignored
+    features[labels == 1] += 3.0  # class 1 apart
+    metric = ClassSeparation(num_classes=4, dim=4)
+    metric.update(features[:30].float(), labels[:30])  # two batches
+    metric.update(features[30:].float(), labels[30:])
+    keep = labels != 255
+    x, y = features[keep].float().double(), labels[keep]
+    overall = x.mean(0)
+    within = sum(((x[y == c] - x[y == c].mean(0)) ** 2).sum() for c in y.unique())
+    between = sum((y == c).sum() * ((x[y == c].mean(0) - overall) ** 2).sum() for c in y.unique())
+    assert math.isclose(float(metric.compute()), float(between / within), rel_tol=1e-9)
+    apart = float(metric.compute())
+    metric.reset()
+    metric.update(torch.randn(60, 4, generator=gen), labels)  # no structure: a small ratio
+    assert float(metric.compute()) < apart / 10

@@ -498,6 +498,178 @@ def test_mit_checkpoint_missing_file(tmp_path: Path) -> None:
         MiT("b0", pretrained=str(path), depths=TINY)
 
 
+# ------------------------------------------------- MiT weights in the transformers layout (hub)
+
+
+def _official_to_transformers(sd: dict[str, Tensor], prefix: str = "segformer.encoder.") -> dict:
+    """NVlabs MiT names -> transformers names, as transformers' own conversion script does it
+    (``convert_segformer_original_to_pytorch.rename_keys(encoder_only=True)`` + ``read_in_k_v``,
+    transformers/models/segformer): the independent reference for our inverse."""
+    out = {}
+    for key, value in sd.items():
+        if not key.startswith("head"):
+            key = "segformer.encoder." + key
+        if "patch_embed" in key:
+            idx = key[key.find("patch_embed") + len("patch_embed")]
+            key = key.replace(f"patch_embed{idx}", f"patch_embeddings.{int(idx) - 1}")
+        if "norm" in key:
+            key = key.replace("norm", "layer_norm")
+        if "segformer.encoder.layer_norm" in key:
+            idx = key[
+                key.find("segformer.encoder.layer_norm") + len("segformer.encoder.layer_norm")
+            ]
+            key = key.replace(f"layer_norm{idx}", f"layer_norm.{int(idx) - 1}")
+        if "layer_norm1" in key:
+            key = key.replace("layer_norm1", "layer_norm_1")
+        if "layer_norm2" in key:
+            key = key.replace("layer_norm2", "layer_norm_2")
+        if "block" in key:
+            idx = key[key.find("block") + len("block")]
+            key = key.replace(f"block{idx}", f"block.{int(idx) - 1}")
+        if "attn.q" in key:
+            key = key.replace("attn.q", "attention.self.query")
+        if "attn.proj" in key:
+            key = key.replace("attn.proj", "attention.output.dense")
+        if "attn" in key:
+            key = key.replace("attn", "attention.self")
+        if "fc1" in key:
+            key = key.replace("fc1", "dense1")
+        if "fc2" in key:
+            key = key.replace("fc2", "dense2")
+        if key.startswith("head"):
+            key = key.replace("head", "classifier")
+        out[key] = value
+    for key in [
+        k for k in out if k.endswith(("attention.self.kv.weight", "attention.self.kv.bias"))
+    ]:
+        kv = out.pop(key)
+        width = kv.shape[0] // 2
+        out[key.replace(".kv.", ".key.")] = kv[:width].clone()
+        out[key.replace(".kv.", ".value.")] = kv[width:].clone()
+    if prefix != "segformer.encoder.":  # SegformerModel: no "segformer." and no classifier
+        out = {
+            prefix + k.removeprefix("segformer.encoder."): v
+            for k, v in out.items()
+            if not k.startswith("classifier")
+        }
+    return out
+
+
+def test_transformers_layout_is_what_transformers_writes(source_mit: MiT) -> None:
+    keys = set(_official_to_transformers(_official_checkpoint(source_mit)))
+    for key in [
+        "segformer.encoder.patch_embeddings.0.proj.weight",
+        "segformer.encoder.patch_embeddings.3.layer_norm.bias",
+        "segformer.encoder.block.0.0.layer_norm_1.weight",
+        "segformer.encoder.block.0.0.attention.self.query.weight",
+        "segformer.encoder.block.0.0.attention.self.key.weight",
+        "segformer.encoder.block.0.0.attention.self.value.bias",
+        "segformer.encoder.block.0.0.attention.self.sr.weight",
+        "segformer.encoder.block.0.0.attention.self.layer_norm.weight",
+        "segformer.encoder.block.0.0.attention.output.dense.weight",
+        "segformer.encoder.block.1.1.mlp.dwconv.dwconv.weight",
+        "segformer.encoder.block.3.0.mlp.dense2.bias",
+        "segformer.encoder.block.3.0.layer_norm_2.weight",
+        "segformer.encoder.layer_norm.3.bias",
+        "classifier.weight",
+    ]:
+        assert key in keys, key
+    assert not any(".kv." in k for k in keys)  # key and value are separate there
+    assert "segformer.encoder.block.3.0.attention.self.sr.weight" not in keys  # sr ratio 1
+
+
+def _save(sd: dict[str, Tensor], path: Path) -> None:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    else:
+        torch.save(sd, path)
+
+
+@pytest.mark.parametrize("filename", ["model.safetensors", "pytorch_model.bin"])
+@pytest.mark.parametrize("prefix", ["segformer.encoder.", "encoder."], ids=["classifier", "model"])
+def test_mit_loads_transformers_checkpoint_exactly(
+    source_mit: MiT, tmp_path: Path, filename: str, prefix: str
+) -> None:
+    path = tmp_path / filename
+    _save(_official_to_transformers(_official_checkpoint(source_mit), prefix), path)
+    loaded = MiT("b0", pretrained=str(path), depths=(1, 2, 1, 1)).eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(source_mit(x), loaded(x), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_mit_transformers_checkpoint_missing_half_of_kv_is_named(
+    source_mit: MiT, tmp_path: Path
+) -> None:
+    sd = _official_to_transformers(_official_checkpoint(source_mit))
+    del sd["segformer.encoder.block.1.1.attention.self.value.weight"]
+    path = tmp_path / "model.safetensors"
+    _save(sd, path)
+    with pytest.raises(
+        CheckpointError,
+        match=rf"^MiT ImageNet checkpoint {re.escape(str(path))} does not match timm's pvt_v2_b0 "
+        r"\(transformers layout; keys after conversion to timm's\): 1 missing keys: "
+        r"stages\.1\.blocks\.1\.attn\.kv\.weight; 1 unexpected keys: "
+        r"segformer\.encoder\.block\.1\.1\.attention\.self\.key\.weight$",
+    ):
+        MiT("b0", pretrained=str(path), depths=(1, 2, 1, 1))
+
+
+def test_mit_segmentation_checkpoint_names_the_decode_head(source_mit: MiT, tmp_path: Path) -> None:
+    sd = _official_to_transformers(_official_checkpoint(source_mit))
+    sd["decode_head.classifier.weight"] = torch.zeros(19, 256, 1, 1)  # a segformer-b0 file
+    path = tmp_path / "pytorch_model.bin"
+    _save(sd, path)
+    with pytest.raises(
+        CheckpointError, match=r"1 unexpected keys: decode_head\.classifier\.weight$"
+    ):
+        MiT("b0", pretrained=str(path), depths=(1, 2, 1, 1))
+
+
+def test_mit_hub_downloads_nvidia_mit_through_huggingface_hub(
+    source_mit: MiT, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    bin_path = tmp_path / "pytorch_model.bin"
+    _save(_official_to_transformers(_official_checkpoint(source_mit)), bin_path)
+    asked = []
+
+    def fake_download(repo_id: str, filename: str, **kwargs) -> str:
+        asked.append((repo_id, filename))
+        if filename == "model.safetensors":  # an older repo: only the .bin
+            raise EntryNotFoundError(f"{filename} not in {repo_id}")
+        return str(bin_path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    loaded = MiT("b0", pretrained="hub", depths=(1, 2, 1, 1)).eval()
+    assert asked == [("nvidia/mit-b0", "model.safetensors"), ("nvidia/mit-b0", "pytorch_model.bin")]
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(source_mit(x), loaded(x), strict=True))
+
+
+def test_mit_hub_offline_says_what_to_download(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(repo_id: str, filename: str, **kwargs) -> str:
+        raise LocalEntryNotFoundError("cannot reach the hub\nand the file is not cached")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(
+        OSError,
+        match=r"^cannot download nvidia/mit-b2 from the Hugging Face hub \(LocalEntryNotFoundError"
+        r"[^\n]*download https://huggingface\.co/nvidia/mit-b2/resolve/main/model\.safetensors "
+        r"\(or pytorch_model\.bin\)[^\n]*set model\.encoder\.pretrained=<that file>$",
+    ):
+        MiT("b2", pretrained="hub", depths=TINY)
+
+
 # --------------------------------------------------------------------------- segmentor
 
 

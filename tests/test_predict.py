@@ -13,7 +13,7 @@ import torch
 from conftest import compose_train, tiny_synthetic
 from fake_trees import make_acdc
 
-from mpcl.data.labels import colorize
+from mpcl.data.labels import CITYSCAPES, colorize
 from mpcl.predict import overlay, predict
 from mpcl.run.build import build_module
 
@@ -64,14 +64,15 @@ def test_folder_gives_label_pngs_and_overlays(checkpoint, tmp_path):
         assert labels.dtype == np.uint8 and labels.shape == rgb.shape[:2]
         np.testing.assert_array_equal(labels, segment(rgb))
         blended = cv2.imread(str(out / "overlay" / f"{name}.png"))[..., ::-1]
-        want = np.round(0.5 * rgb.astype(np.float32) + 0.5 * colorize(labels)).astype(np.uint8)
+        color = colorize(labels, CITYSCAPES.palette)
+        want = np.round(0.5 * rgb.astype(np.float32) + 0.5 * color).astype(np.uint8)
         np.testing.assert_array_equal(blended, want)
 
 
 def test_overlay_leaves_unlabelled_pixels():
     image = np.full((2, 2, 3), 100, np.uint8)
     labels = np.array([[0, 255], [255, 255]], np.uint8)
-    out = overlay(image, labels, alpha=0.25)
+    out = overlay(image, labels, CITYSCAPES.palette, alpha=0.25)
     assert (out[0, 1] == 100).all() and not (out[0, 0] == 100).all()
 
 

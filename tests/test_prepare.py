@@ -204,3 +204,55 @@ def test_main_returns_2_on_errors(tmp_path, capsys):
         err.startswith("error: Cityscapes: expected folder leftImg8bit/val/")
         and err.count("\n") == 1
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["gta"], "error: gta needs --root (see python -m mpcl.prepare --help)"),
+        (
+            ["folders", "--classes", "c.yaml"],
+            "error: folders needs --images, --labels (see python -m mpcl.prepare --help)",
+        ),
+    ],
+)
+def test_missing_arguments_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert capsys.readouterr().err == message + "\n"
+
+
+def test_prepare_folders_interrupted_keeps_its_files_and_finishes(tmp_path, monkeypatch):
+    """A folders prepare killed mid-way leaves no label_set.json (training reads the
+    originals); the rerun keeps the finished PNGs and converts the rest."""
+    import cv2
+
+    import mpcl.prepare as prep
+
+    (tmp_path / "classes.yaml").write_text("classes: [{name: a}, {name: b}]\n")
+    for sub in ("images", "labels"):
+        (tmp_path / sub).mkdir()
+    for i in range(4):
+        cv2.imwrite(str(tmp_path / "images" / f"{i}.png"), np.zeros((8, 8, 3), np.uint8))
+        cv2.imwrite(str(tmp_path / "labels" / f"{i}.png"), np.full((8, 8), i % 2, np.uint8))
+    real, calls = prep.check_pair, []
+
+    def dies_at_the_third(job):
+        calls.append(job)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(job)
+
+    monkeypatch.setattr(prep, "check_pair", dies_at_the_third)
+    args = (tmp_path / "classes.yaml", tmp_path / "images", tmp_path / "labels")
+    with pytest.raises(KeyboardInterrupt):
+        prep.prepare_folders(*args, workers=1)
+    out = tmp_path / "labels_prepared"
+    assert sorted(p.name for p in out.glob("*.png")) == ["0.png", "1.png"]
+    assert not (out / "label_set.json").exists()
+    monkeypatch.setattr(prep, "check_pair", real)
+    report = prep.prepare_folders(*args, workers=1)
+    assert (report.converted, report.skipped) == (2, 2)
+    assert (out / "label_set.json").is_file()
+    assert not (out / prep.PENDING_LABEL_SET).exists()

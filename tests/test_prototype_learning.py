@@ -166,7 +166,7 @@ def test_bad_config_messages():
     with pytest.raises(ValueError, match="prototype.lambda_contrast=-0.1 must be >= 0"):
         build(lambda_contrast=-0.1)
     with pytest.raises(ValueError, match="built a dict"):
-        PrototypeLearning(lambda **kw: {"type": "gmm"})
+        PrototypeLearning(lambda **kw: {"type": "gmm"}, num_classes=4)
     with pytest.raises(ValueError, match="K"):
         GaussianPrototypes(4, 0, 16)
     with pytest.raises(ValueError, match="min_init_features"):
@@ -247,6 +247,7 @@ def test_state_dict_keys(bank_mode, early_start):
     )
     assert list(module.state_dict()) == [
         "refined",
+        "initial_mean",
         "prototypes.mean",
         "prototypes.initialized",
         "prototypes.var",
@@ -300,6 +301,20 @@ def test_checkpoints_without_refined_flags_still_load():
     module(*_batch(dim=8, size=8))
     state = module.state_dict()
     del state["refined"]  # a checkpoint written before early_start existed
+    del state["initial_mean"]  # ... and before the drift diagnostic
     fresh = _module("gaussian", dim=8)
     fresh.load_state_dict(state)
     assert torch.equal(fresh.refined, module.prototypes.initialized)
+    assert torch.equal(fresh.initial_mean, module.prototypes.mean)  # drift counted from here
+
+
+def test_drift_is_zero_at_the_kmeans_start_and_grows_with_the_updates():
+    torch.manual_seed(0)
+    module = _module("gaussian", dim=8).train()
+    drifts = [float(module(*_batch(dim=8, size=8))["drift"]) for _ in range(6)]
+    started = module.prototypes.initialized
+    assert started.any()
+    assert torch.equal(
+        module.initial_mean[~started], torch.zeros_like(module.initial_mean[~started])
+    )
+    assert drifts[0] == 0.0 and drifts[-1] > 0.0

@@ -13,12 +13,15 @@ import os
 import re
 import resource
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import cv2
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -30,6 +33,7 @@ import mpcl.eval
 import mpcl.predict
 import mpcl.prepare
 import mpcl.train
+from mpcl.errors import ConfigError
 from mpcl.io import remove_stale_temps, temp_name
 from mpcl.run.checkpoint import AtomicCheckpointIO
 
@@ -127,12 +131,14 @@ def test_train_log_holds_what_the_console_shows(baseline):
         "config: experiment=synthetic_gaussian",
         "schedule: max_steps=5",
         "step 3/5 | train/loss",
-        "validation at step 5: val/mIoU",
+        "validation at step 5: ",
         "target val IoU",
         f"{baseline['miou']:.2f}",
         f"checkpoint: {baseline['ckpt']}",
     ):
         assert text in log, text
+    (validation,) = [line for line in log.splitlines() if "validation at step 5: " in line]
+    assert "val/mIoU " in validation
 
 
 # ---------------------------------------------------------------- 8. self-describing
@@ -385,14 +391,34 @@ def bad_trees(tmp_path_factory):
     make_gta(d / "gta", n=2)
     make_gta(d / "corrupt", n=3)
     (d / "corrupt" / "labels" / "00001.png").write_bytes(b"not a png")
+    make_gta(d / "label50", n=2)  # a trainId label from another label space, already there
+    cv2.imwrite(
+        str(d / "label50" / "labels" / "00001_labelTrainIds.png"), np.full((8, 8), 50, np.uint8)
+    )
     (d / "a_file").write_text("x")
     return {"dir": d, "ckpt": None}
 
 
+def bad_cache(cache_dir: Path, dest: Path, label: str | None = None, image: str | None = None):
+    """A copy of the tiny synthetic benchmark in which ``label`` (a glob under the set's
+    root) holds the value 50 somewhere, and ``image`` is cut to half its bytes."""
+    (tiny,) = cache_dir.glob("synthetic-*-64x128-s6-t6-v2")  # TINY_SYNTHETIC's
+    root = dest / tiny.name
+    shutil.copytree(tiny, root)
+    for path in root.glob(label) if label else ():
+        ids = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        ids[0, :7] = 50
+        cv2.imwrite(str(path), ids)
+    for path in root.glob(image) if image else ():
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return root
+
+
 @pytest.fixture(scope="module")
-def bad_files(baseline, bad_trees):
-    """Checkpoints a user might pass by mistake."""
+def bad_files(baseline, bad_trees, cache_dir):
+    """Checkpoints (and benchmark copies) a user might pass by mistake."""
     d = bad_trees["dir"]
+    bad_cache(cache_dir, d / "val_label_50", label="real/val/labels/00000.png")
     (d / "empty.ckpt").write_bytes(b"")
     (d / "random.ckpt").write_bytes(np.random.default_rng(0).bytes(4096))
     good = baseline["ckpt"].read_bytes()
@@ -413,7 +439,7 @@ HYDRA_CASES = [
     (TRAIN, ["+trainer.max_steps=3"], ["An item is already at 'trainer.max_steps'"]),
     (TRAIN, ["trainer.max_steps=[1,"], ["'trainer.max_steps=[1,'"]),
     (TRAIN, ["prototype.K=0"], ["prototype.K=0 must be >= 1"]),
-    (TRAIN, ["prototype.K=2.5"], ["prototype.K=2.5 must be >= 1 (an integer)"]),
+    (TRAIN, ["prototype.K=2.5"], ["prototype.K=2.5 must be >= 1", "(an integer"]),
     (TRAIN, ["prototype.temperature=0"], ["prototype.temperature=0 must be > 0"]),
     (TRAIN, ["prototype.lambda_contrast=-1"], ["prototype.lambda_contrast=-1 must be >= 0"]),
     (TRAIN, ["prototype.lambda_consistency=-0.5"], ["prototype.lambda_consistency=-0.5"]),
@@ -432,6 +458,18 @@ HYDRA_CASES = [
     (TRAIN, ["ckpt_path={bad}/foreign.ckpt"], ["foreign.ckpt has no state_dict"]),
     (TRAIN, ["ckpt_path={ckpt}", "prototype.K=2", "trainer.max_steps=7"], ["does not match"]),
     (TRAIN, ["ckpt_path={ckpt}", "trainer.max_steps=3"], ["is at step 5 and trainer.max_steps=3"]),
+    (  # issue 23, item 1: whatever the run is called
+        TRAIN,
+        ["ckpt_path={ckpt}", "trainer.max_steps=3", "task_name=myrun"],
+        ["is at step 5 and trainer.max_steps=3"],
+    ),
+    (TRAIN, ["trainer.max_steps=4.5"], ["trainer.max_steps=4.5 must be a positive integer"]),
+    (TRAIN, ["trainer.accelerator=gpu"], ["trainer.accelerator=gpu but this machine has no CUDA"]),
+    (
+        TRAIN,
+        ["trainer=gpu"],
+        ["trainer.accelerator=gpu but this machine has no CUDA", "trainer=cpu"],
+    ),
     (TRAIN, ["paths.log_dir=/proc/mpcl-logs"], ["/proc is not writable", "paths.log_dir"]),
     (TRAIN, ["hydra.run.dir=/proc/mpcl-run"], ["/proc is not writable", "hydra.run.dir"]),
     (TRAIN, ["paths.cache_dir=/proc/mpcl-cache"], ["/proc/mpcl-cache is not writable"]),
@@ -444,6 +482,11 @@ HYDRA_CASES = [
     (EVAL, ["ckpt_path={bad}/foreign.ckpt"], ["foreign.ckpt has no state_dict"]),
     (EVAL, ["ckpt_path={ckpt}", "prototype.K=2"], ["does not match"]),
     (EVAL, ["ckpt_path={ckpt}", "data.val_batch_sise=2"], ["did you mean data.val_batch_size"]),
+    (  # issue 23, item 2: a val label outside the class set, where eval reads it
+        EVAL,
+        ["ckpt_path={ckpt}", "paths.cache_dir={bad}/val_label_50"],
+        ["label {bad}/val_label_50/", "/real/val/labels/00000.png holds the value 50"],
+    ),
     (PREDICT, [], ["ckpt_path is required"]),
     (PREDICT, ["ckpt_path={bad}/truncated.ckpt"], ["truncated.ckpt"]),
     (PREDICT, ["ckpt_path={ckpt}", "split=banana"], ["unknown split 'banana'"]),
@@ -457,6 +500,10 @@ PREPARE_CASES = [
     (["cityscapes", "--root", "{bad}/gta"], ["leftImg8bit", "{bad}/gta"]),
     (["gta", "--root", "{bad}/corrupt", "--workers", "1"], ["{bad}/corrupt/labels/00001.png"]),
     (["gta", "--root", "{bad}/a_file"], ["{bad}/a_file"]),
+    (  # issue 23, item 2: a trainId file already there, outside the class set
+        ["gta", "--root", "{bad}/label50", "--workers", "1"],
+        ["{bad}/label50/labels/00001_labelTrainIds.png holds the value 50"],
+    ),
 ]
 
 
@@ -473,6 +520,8 @@ def _fill(args: list[str], files: dict) -> list[str]:
 def test_bad_input_is_one_line_and_leaves_nothing(
     entry, args, fragments, bad_files, cache_dir, tmp_path
 ):
+    if "gpu" in " ".join(args) and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
     logs = tmp_path / "logs"
     tiny = [f"paths.log_dir={logs}", f"paths.cache_dir={cache_dir}"]
     if not any(a.startswith("experiment=") for a in args):  # the synthetic benchmark's sizes
@@ -508,3 +557,268 @@ def test_prepare_bad_input_is_one_line_and_leaves_nothing(args, fragments, bad_t
 def test_matrix_has_at_least_30_cases():
     assert len(HYDRA_CASES) + len(PREPARE_CASES) >= 30
     assert {e for e, _, _ in HYDRA_CASES} == {TRAIN, EVAL, PREDICT}
+
+
+# ---------------------------------------------------------------- issue 23
+def tiny_run(cache_dir: Path, log_dir: Path, steps: int = 3, experiment="synthetic_baseline"):
+    """A few steps of the smallest run (no figures, a checkpoint every 2 steps)."""
+    return [
+        *common(cache_dir, log_dir, experiment),
+        f"trainer.max_steps={steps}",
+        f"trainer.val_check_interval={steps}",
+    ]
+
+
+@pytest.mark.slow
+def test_sweep_runs_every_job_and_exits_non_zero(cache_dir, tmp_path):
+    """The acceptance case: a diverging job and a good one, on Hydra's basic launcher."""
+    argv = ["-m", "uda.optimizer.lr=1e30,6e-4", *tiny_run(cache_dir, tmp_path)]
+    code, out, err = run_main(mpcl.train.main, argv)
+    assert code == 4, err[-3000:]
+    assert "Traceback" not in err
+    (line,) = [x for x in error_lines(err) if "jobs failed" in x]
+    assert line.startswith("error: 1 of 2 jobs failed: job 0 (exit 3: training diverged at step")
+    (sweep,) = tmp_path.glob("train/multiruns/*")
+    assert str(sweep / "summary.md") in line
+    summary = (sweep / "summary.md").read_text()
+    assert "2 jobs, 1 finished, 1 failed." in summary and summary in out
+    assert re.search(r"\| \S+/0 \| 1e\+30 \| - \| - \| failed \|", summary)
+    assert json.loads((sweep / "0" / "job.json").read_text())["exit_status"] == 3
+    assert not list((sweep / "0").rglob("*.ckpt"))  # nothing after the divergence
+    assert json.loads((sweep / "1" / "job.json").read_text())["status"] == "finished"
+    assert state(sweep / "1" / "checkpoints" / "last.ckpt")  # the second job trained
+    assert not list(sweep.rglob(".mpcl.lock"))
+
+
+def test_failed_and_crashed_jobs_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    """Bad input (exit 2) and a bug (exit 1, its traceback printed) in two jobs of three."""
+
+    def fake_train(cfg, resume=None):
+        if cfg.seed == 0:
+            raise KeyError("a bug in job 0")
+        if cfg.seed == 1:
+            raise ConfigError("data.batch_size=0 must be a positive integer")
+        return {"val/mIoU": 12.5}
+
+    monkeypatch.setattr(mpcl.train, "train", fake_train)
+    argv = ["-m", "seed=0,1,2", f"paths.log_dir={tmp_path}", "optimized_metric=val/mIoU"]
+    code, out, err = run_main(mpcl.train.main, argv)
+    assert code == 4, err[-3000:]
+    assert "KeyError: 'a bug in job 0'" in err and "Traceback" in err  # a bug keeps it
+    assert error_lines(err)[-1].startswith("error: 2 of 3 jobs failed: job 0 (exit 1: a bug: ")
+    (sweep,) = tmp_path.glob("train/multiruns/*")
+    records = [json.loads((sweep / str(i) / "job.json").read_text()) for i in range(3)]
+    assert [r["exit_status"] for r in records] == [1, 2, 0]
+    assert records[1]["error"] == "error: data.batch_size=0 must be a positive integer"
+    assert records[2] == {**records[2], "status": "finished", "return_value": 12.5}
+    summary = (sweep / "summary.md").read_text()
+    assert "- " + sweep.name + "/1: exit 2: data.batch_size=0 must be a positive integer" in summary
+    assert "| 2 | 12.50 |" in summary  # the finished job's value
+
+
+@pytest.mark.slow
+def test_submitit_sweep_runs_every_job_without_a_traceback(cache_dir, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    argv = ["-m", "hydra/launcher=submitit_local", "data.batch_size=0,2"]
+    argv += [*tiny_run(cache_dir, tmp_path, steps=2), "evaluate=false"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "mpcl.train", *argv],
+        env=subprocess_env(cache_dir),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "UncompletedJobError" not in proc.stderr
+    (line,) = error_lines(proc.stderr)
+    assert line.startswith("error: 1 of 2 jobs failed: job 0 (exit 2: data.batch_size=0 must be")
+    (sweep,) = tmp_path.glob("train/multiruns/*")
+    assert "2 jobs, 1 finished, 1 failed." in (sweep / "summary.md").read_text()
+    assert (sweep / "1" / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("label", "image", "fragment"),
+    [
+        ("source/train/labels/*.png", None, "/source/train/labels/0000"),
+        (None, "source/train/images/*.png", "/source/train/images/0000"),
+    ],
+    ids=["source label 50", "truncated source image"],
+)
+def test_bad_training_files_are_one_line_and_no_checkpoint(
+    label, image, fragment, cache_dir, tmp_path
+):
+    """A source label outside the class set (was an IndexError in the loss) and a truncated
+    image (was read with a libjpeg/libpng warning) stop training where they are read."""
+    bad = bad_cache(cache_dir, tmp_path / "cache", label=label, image=image)
+    logs = tmp_path / "logs"
+    argv = [*tiny_run(cache_dir, logs), f"paths.cache_dir={bad.parent}"]
+    code, out, err = run_main(mpcl.train.main, argv)
+    assert code == 2, err[-3000:]
+    (line,) = error_lines(err)
+    assert "Traceback" not in err and fragment in line, line
+    assert "holds the value 50 at 7 pixels" in line if label else "truncated" in line
+    assert not [p for p in files_under(logs) if p.suffix == ".ckpt"]
+
+
+@pytest.mark.slow
+def test_predict_images_keep_every_output_and_log_its_path(baseline, tmp_path):
+    """``a.png`` and ``a.jpg``: two outputs, each path in predict.log; a truncated JPEG is one
+    line naming it, before anything is written."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rgb = np.random.default_rng(0).integers(0, 256, (48, 64, 3), np.uint8)
+    cv2.imwrite(str(folder / "a.png"), rgb)
+    cv2.imwrite(str(folder / "a.jpg"), rgb)
+    cv2.imwrite(str(folder / "b.jpg"), rgb)
+    logs = tmp_path / "logs"
+    argv = [f"ckpt_path={baseline['ckpt']}", f"input={folder}", f"paths.log_dir={logs}"]
+    code, out, err = run_main(mpcl.predict.main, argv)
+    assert code == 0, err[-3000:]
+    (run,) = logs.glob("predict/runs/*")
+    assert sorted(p.name for p in (run / "labels").iterdir()) == ["a_jpg.png", "a_png.png", "b.png"]
+    assert "3 predictions" in out
+    log = (run / "predict.log").read_text()
+    outputs = [p for p in files_under(run) if p.parent.name in ("labels", "overlay")]
+    assert len(outputs) == 6 and all(str(p) in log for p in outputs)
+
+    data = (folder / "b.jpg").read_bytes()
+    (folder / "b.jpg").write_bytes(data[: len(data) // 2])
+    code, out, err = run_main(mpcl.predict.main, [*argv, f"paths.log_dir={tmp_path / 'logs2'}"])
+    assert code == 2, err[-3000:]
+    (line,) = error_lines(err)
+    assert f"cannot read image {folder / 'b.jpg'}: the file is truncated" in line
+
+
+@pytest.mark.slow
+def test_predict_defaults_to_a_split_the_benchmark_has(baseline, tmp_path):
+    code, out, err = run_main(
+        mpcl.predict.main, [f"ckpt_path={baseline['ckpt']}", f"paths.log_dir={tmp_path}"]
+    )
+    assert code == 0, err[-3000:]
+    (run,) = tmp_path.glob("predict/runs/*")
+    assert len(list((run / "labelIds").glob("*.png"))) == 2  # the val split's 2 images
+    assert str(run / "labelIds" / "00000.png") in (run / "predict.log").read_text()
+
+
+@pytest.mark.slow
+def test_eval_reads_only_the_target_in_one_process(baseline, tmp_path):
+    """``trainer=ddp_sim`` (as a DDP checkpoint stores it): one process, one table; and
+    ``data=gta2cs`` with only ``cityscapes/`` on disk evaluates (no GTA root needed)."""
+    code, out, err = run_main(
+        mpcl.eval.main,
+        [f"ckpt_path={baseline['ckpt']}", "trainer=ddp_sim", f"paths.log_dir={tmp_path}"],
+    )
+    assert code == 0, err[-3000:]
+    assert out.count("| **mIoU** |") == 1
+    results = Path(re.search(r"results: (\S+)", out).group(1))
+    assert json.loads(results.read_text())["means"]["mIoU"] == pytest.approx(
+        baseline["miou"], abs=0.006
+    )
+
+    from fake_trees import make_cityscapes
+
+    data = tmp_path / "data"
+    make_cityscapes(data / "cityscapes", splits=("val",), per_city=1)
+    argv = [
+        f"ckpt_path={baseline['ckpt']}",
+        "data=gta2cs",
+        f"paths.data_dir={data}",
+        "+data.target_val.prepared=false",  # the fake tree's raw label IDs
+        "benchmark.eval_resize=[64,128]",
+        f"paths.log_dir={tmp_path / 'gta2cs'}",
+    ]
+    code, out, err = run_main(mpcl.eval.main, argv)
+    assert code == 0, err[-3000:]
+    assert not (data / "gta").exists() and "GTA5" not in err
+    (run,) = (tmp_path / "gta2cs").glob("eval/runs/*")
+    assert json.loads((run / "results.json").read_text())["means"]["mIoU"] >= 0
+
+
+@pytest.mark.slow
+def test_printed_paths_are_whole_and_integers_stay_integers(cache_dir, tmp_path, monkeypatch):
+    """80 columns, not a terminal (a SLURM log): the checkpoint path on one line on stdout
+    and in train.log; ``trainer.max_steps=3e0`` trains 3 steps and is stored as 3."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    logs = tmp_path / ("a-long-directory-name-" * 3)
+    argv = [*tiny_run(cache_dir, logs), "trainer.max_steps=3e0"]
+    code, out, err = run_main(mpcl.train.main, argv)
+    assert code == 0, err[-3000:]
+    ckpt = printed_checkpoint(out)
+    assert ckpt.is_file() and len(f"checkpoint: {ckpt}") > 80
+    assert f"checkpoint: {ckpt}\n" in out
+    assert f"checkpoint: {ckpt}\n" in (ckpt.parents[1] / "train.log").read_text()
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 3 and saved["mpcl"]["config"]["trainer"]["max_steps"] == 3
+    assert type(saved["mpcl"]["config"]["trainer"]["max_steps"]) is int
+    assert "schedule: max_steps=3 " in out
+
+
+class SignalTwice(L.Callback):
+    """Ctrl-C twice in the middle of step ``step``: the second stops at once."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step + 1 == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.slow
+def test_second_ctrl_c_exits_130_naming_the_last_intact_checkpoint(
+    cache_dir, tmp_path, monkeypatch
+):
+    build = mpcl.train.build
+
+    def build_with_signals(cfg, *args):
+        datamodule, module, trainer = build(cfg, *args)
+        trainer.callbacks.insert(0, SignalTwice(3))
+        return datamodule, module, trainer
+
+    monkeypatch.setattr(mpcl.train, "build", build_with_signals)
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    code, out, err = run_main(mpcl.train.main, tiny_run(cache_dir, tmp_path, steps=5))
+    assert code == 130, err[-3000:]
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
+    m = re.search(
+        r"interrupted by SIGINT again at step 2: stopped at once; the last intact "
+        r"checkpoint is (\S+)",
+        err,
+    )
+    assert m, err[-3000:]
+    last = Path(m.group(1))
+    assert last.name == "last.ckpt" and torch.load(last, weights_only=True)["global_step"] == 2
+    assert f"resume with: python -m mpcl.train ckpt_path={last}" in err
+    assert "Detected KeyboardInterrupt" not in err + out
+
+
+def test_a_live_run_dir_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    """Item 5: ``hydra.run.dir=X`` while another live run writes there is one line, and
+    nothing of the second run lands in X; a dead holder's lock is taken over."""
+    from mpcl.io import host_tag
+    from mpcl.run.rundir import LOCK_NAME, RunDirLock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_NAME).write_text(f"{os.getppid()}@{host_tag()}\n")  # a live process
+    code, out, err = run_main(
+        mpcl.train.main, [f"hydra.run.dir={run}", f"paths.log_dir={tmp_path}"]
+    )
+    assert code == 2, err[-3000:]
+    (line,) = error_lines(err)
+    assert f"the run directory {run} is in use by another run ({os.getppid()}@" in line
+    assert sorted(p.name for p in run.iterdir()) == [LOCK_NAME]  # no .hydra/ of the second
+
+    child = subprocess.Popen(["true"])
+    child.wait()
+    (run / LOCK_NAME).write_text(f"{child.pid}@{host_tag()}\n")  # its writer is gone
+    lock = RunDirLock(run)
+    lock.acquire()
+    assert (run / LOCK_NAME).read_text().startswith(f"{os.getpid()}@")
+    with pytest.raises(ConfigError, match="is in use by another run"):
+        RunDirLock(run).acquire()  # held by this (live) process
+    lock.release()
+    assert not (run / LOCK_NAME).exists()

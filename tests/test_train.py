@@ -262,3 +262,53 @@ def test_real_benchmark_batches_have_the_configured_crops_and_sizes(fake_data_di
     assert bool(((labels < 19) | (labels == 255)).all())
     val = datamodule.target_val[0]
     assert val["image"].shape[-2:] == val["label"].shape == (24, 32)  # full label resolution
+
+
+@pytest.mark.slow
+def test_source_only_start_is_built_once_and_starts_the_student(cache_dir, tmp_path):
+    """``init_from=source_only``: the source-only model is trained once, cached, and the UDA
+    student (and its teacher) start from its weights; a later run reuses the file."""
+    from faults import TINY_MODEL
+
+    import mpcl.run.build as build_module
+    from mpcl.train import source_only_start
+
+    starts = tmp_path / "cache"
+    starts.mkdir()
+    for f in cache_dir.iterdir():  # the shared benchmark data, a private starts/ folder
+        (starts / f.name).symlink_to(f)
+    overrides = [
+        f"paths.cache_dir={starts}",
+        *tiny_synthetic(),
+        *TINY_MODEL,
+        "init_from=source_only",
+        "pretrain.steps=3",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "callbacks.figures=null",
+    ]
+    cfg = compose_train(overrides, tmp_path / "run")
+    path = source_only_start(cfg)
+    assert path.is_file() and path.parent == starts / "starts"
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 3
+    assert not any("proto_head" in k for k in state["state_dict"])  # source-only: no head
+    mtime = path.stat().st_mtime_ns
+    assert source_only_start(cfg) == path and path.stat().st_mtime_ns == mtime  # cached
+    module = build_module.build_module(cfg, str(path))
+    for key, value in state["state_dict"].items():
+        if key.startswith("student."):
+            assert torch.equal(module.state_dict()[key], value), key
+            teacher = "teacher.model." + key.removeprefix("student.")
+            assert torch.equal(module.state_dict()[teacher], value), teacher
+    metrics = train(cfg)  # the whole run, from the cached start
+    assert "val/mIoU" in metrics and path.stat().st_mtime_ns == mtime
+
+
+def test_init_from_a_missing_file_is_one_line(tmp_path):
+    from mpcl.errors import ConfigError
+    from mpcl.run.build import build_module
+
+    cfg = compose_train(["prototype=none", "model.encoder.depths=[1,1,1,1]"], tmp_path)
+    with pytest.raises(ConfigError, match=r"init_from=.*nope.ckpt does not exist"):
+        build_module(cfg, str(tmp_path / "nope.ckpt"))

@@ -50,7 +50,7 @@ class _Recording(Segmentor):
     shares the list) and whose teacher logits are fixed."""
 
     def __init__(self, teacher_logits: Tensor) -> None:
-        super().__init__(MiT("b0", depths=(1, 1, 1, 1)), SegFormerHead([32, 64, 160, 256], 32))
+        super().__init__(MiT("b0", depths=(1, 1, 1, 1)), SegFormerHead([32, 64, 160, 256], 32, num_classes=NUM_CLASSES))
         self.teacher_logits = teacher_logits
         self.seen: list[tuple[Tensor, Tensor | None]] = []
 
@@ -151,6 +151,7 @@ def test_a_new_segmentor_trains_with_prototypes(options):
     student = TinySegmentor()
     prototype = PrototypeLearning(
         GaussianPrototypes,
+        num_classes=NUM_CLASSES,
         K=2,
         dim=student.prototype_dim,
         resolutions=student.resolutions,
@@ -196,7 +197,12 @@ def test_each_prototype_loss_sees_only_its_domains():
     torch.manual_seed(0)
     student = TinySegmentor()
     prototype = PrototypeLearning(
-        GaussianPrototypes, K=2, dim=8, resolutions=student.resolutions, feature_bank_size=380
+        GaussianPrototypes,
+        num_classes=NUM_CLASSES,
+        K=2,
+        dim=8,
+        resolutions=student.resolutions,
+        feature_bank_size=380,
     )
     seen = []
 

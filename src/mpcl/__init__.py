@@ -34,17 +34,40 @@ def _input_resolution(model_target: str) -> str:
 OmegaConf.register_new_resolver("mpcl.resolution", _input_resolution, replace=True)
 
 
-def _class_names(label_set: str) -> list[str]:
-    """The class names of a known label set (``class_names: ${mpcl.class_names:cityscapes}``
-    in the data configs): "cityscapes" is the 19 trainId classes of cityscapesscripts."""
-    if label_set != "cityscapes":
-        raise ValueError(f"unknown label set {label_set!r}: use cityscapes, or list class_names")
-    from mpcl.data.labels import CLASS_NAMES
+def _class_names(spec: str) -> list[str]:
+    """The class names of a label set (``class_names: ${mpcl.class_names:${label_set}}``):
+    "cityscapes" (the 19 trainId classes of cityscapesscripts) or a classes.yaml path."""
+    from mpcl.data.labels import label_set
 
-    return list(CLASS_NAMES)
+    return list(label_set(spec).names)
+
+
+def _palette(spec: str) -> list[list[int]]:
+    """The (C, 3) RGB class colours of a label set (``palette: ${mpcl.palette:${label_set}}``)."""
+    from mpcl.data.labels import label_set
+
+    return label_set(spec).palette.tolist()
+
+
+def _thing_classes(spec: str) -> list[int]:
+    """The "thing" class indices of a label set (the ImageNet Feature Distance's classes)."""
+    from mpcl.data.labels import label_set
+
+    return list(label_set(spec).thing_classes)
+
+
+def _folder_default(key: str, images: str, max_size: int | None) -> int:
+    """``crop_size`` or ``rcs_min_pixels`` from a folder's image sizes (``data=folders``:
+    ``${mpcl.folder_default:crop_size,<images>,<max_size>}``; ``mpcl.data.folders.size_defaults``)."""
+    from mpcl.data.folders import size_defaults
+
+    return size_defaults(images, max_size)[key]
 
 
 OmegaConf.register_new_resolver("mpcl.class_names", _class_names, replace=True)
+OmegaConf.register_new_resolver("mpcl.palette", _palette, replace=True)
+OmegaConf.register_new_resolver("mpcl.thing_classes", _thing_classes, replace=True)
+OmegaConf.register_new_resolver("mpcl.folder_default", _folder_default, replace=True)
 # ``num_classes: ${mpcl.len:${class_names}}``: the number follows the data config's list.
 OmegaConf.register_new_resolver("mpcl.len", len, replace=True)
 

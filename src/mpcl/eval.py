@@ -7,7 +7,8 @@ Synthia), for the student and for the prototype-based output; writes JSON and Ma
 The model is rebuilt from the config the checkpoint carries (explicit overrides win; older
 checkpoints need the run's experiment and overrides), then its weights are loaded strictly. Inference follows the
 protocol: images at ``benchmark.eval_resize`` (sliding windows for HRDA/MIC), logits resized
-back to the full label resolution.
+back to the full label resolution. Only the target val set is read (the source data need not
+be on disk), in one process whatever the checkpoint was trained with (DDP included).
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from pathlib import Path
 
 import lightning as L
 from omegaconf import DictConfig
+from torch.utils.data import DataLoader
 
 from mpcl.errors import ConfigError
 from mpcl.io import atomic_write_bytes
 from mpcl.metrics import iou_table, miou
-from mpcl.run.build import build
+from mpcl.run.build import build_module, build_target, build_trainer
 from mpcl.run.cli import run_cli
+from mpcl.run.config import validate
 from mpcl.run.resume import CheckpointFile
 from mpcl.run.runlog import echo
 
@@ -43,11 +46,17 @@ def evaluate(cfg: DictConfig, checkpoint: CheckpointFile | None = None) -> dict:
     else read here), validate; returns and writes the results."""
     if not cfg.get("ckpt_path"):
         raise ConfigError("ckpt_path is required: python -m mpcl.eval ckpt_path=<file.ckpt>")
+    validate(cfg)
     checkpoint = checkpoint or CheckpointFile.read(cfg.ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
-    datamodule, module, trainer = build(cfg)
+    dataset = build_target(cfg)
+    module = build_module(cfg)
+    trainer = build_trainer(cfg, single_process=True)
     checkpoint.load_into(module)
-    trainer.validate(module, datamodule=datamodule, verbose=False)
+    loader = DataLoader(
+        dataset, batch_size=cfg.data.val_batch_size, num_workers=cfg.data.num_workers
+    )
+    trainer.validate(module, dataloaders=loader, verbose=False)
     iou = module.last_val_iou
     means = {"mIoU": 100 * miou(iou)}
     for name, classes in (cfg.get("class_subsets") or {}).items():

@@ -9,8 +9,11 @@ The rules (what the servers take; also in docs/datasets.md, "Test-server submiss
                  labelTrainIds_invalid/<image stem>.png  trainIds, 255 = invalid   uint8   1920x1080  151
                  confidence/<image stem>.png             round(65535 x max prob)   uint16  1920x1080  151
     labelids     labelIds/<image stem>.png               Cityscapes label IDs      uint8   as input   any
+    ids          ids/<image stem>.png                    the label set's ids       uint8|16 as input  any
 
-(``labelids`` is the generic format for other data, e.g. the synthetic benchmark.) Every
+(``labelids`` is the generic format for other Cityscapes-labelled data, e.g. the synthetic
+benchmark; ``ids`` for a classes.yaml label set, ``data=folders``: each class's ``id``, 16-bit
+when an id exceeds 255.) Colour previews use the label set's colours. Every
 file is written atomically (``mpcl.io``), then ``<out>/<format>_submission.zip`` is built
 from the server folders (and nothing else) and renamed into place. Colour previews go to
 ``<out>/color/`` outside the zip.
@@ -33,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mpcl.data.labels import TRAIN_ID_TO_CITYSCAPES_ID, colorize
+from mpcl.data.labels import CITYSCAPES, TRAIN_ID_TO_CITYSCAPES_ID, LabelSet, colorize
 from mpcl.io import atomic_path, write_image
 
 log = logging.getLogger(__name__)
@@ -47,7 +50,7 @@ class ServerFormat:
         name: format name (``export.format``).
         size: (H, W) every prediction is resized to, or None to keep the input size.
         num_images: the server's test-set size (a different count is warned about).
-        label_ids: write Cityscapes label IDs (else trainIds).
+        label_ids: write Cityscapes label IDs (else trainIds, or the label set's ids).
         folder: the folder of the hard predictions inside the zip.
         darkzurich: also ``labelTrainIds_invalid/`` and ``confidence/``.
     """
@@ -58,6 +61,7 @@ class ServerFormat:
     label_ids: bool
     folder: str
     darkzurich: bool = False
+    any_label_set: bool = False  # writes the label set's ids (the others need Cityscapes')
 
     @property
     def folders(self) -> tuple[str, ...]:
@@ -71,14 +75,19 @@ FORMATS: dict[str, ServerFormat] = {
     "acdc": ServerFormat("acdc", (1080, 1920), 2000, False, "labelTrainIds"),
     "darkzurich": ServerFormat("darkzurich", (1080, 1920), 151, False, "labelTrainIds", True),
     "labelids": ServerFormat("labelids", None, None, True, "labelIds"),
+    "ids": ServerFormat("ids", None, None, False, "ids", any_label_set=True),
 }
 
 
 def format_for_dataset(target: str) -> str:
-    """The server format of a dataset factory (``data.target_val._target_``); ``labelids``
-    for data without a server (the synthetic benchmark)."""
+    """The server format of a dataset factory (``data.target_val._target_``); ``ids`` for a
+    folder dataset (``data=folders``), ``labelids`` for other data without a server (the
+    synthetic benchmark)."""
     name = target.rsplit(".", 1)[-1].lower()
-    return name if name in FORMATS and name != "labelids" else "labelids"
+    if name == "folder_dataset":
+        return "ids"
+    servers = [f for f, rules in FORMATS.items() if rules.num_images is not None]
+    return name if name in servers else "labelids"
 
 
 class Exporter:
@@ -90,13 +99,29 @@ class Exporter:
         invalid_below: Dark Zurich: pixels whose confidence is below this are 255 in
             ``labelTrainIds_invalid`` (0: none, so the server's UIoU equals the IoU).
         color: also write colour previews to ``<out_dir>/color/``.
+        label_set: the classes predicted (their colours for the previews; their ids for the
+            ``ids`` format); the server formats need the Cityscapes trainIds.
     """
 
     def __init__(
-        self, fmt: str, out_dir: str | Path, invalid_below: float = 0.0, color: bool = True
+        self,
+        fmt: str,
+        out_dir: str | Path,
+        invalid_below: float = 0.0,
+        color: bool = True,
+        label_set: LabelSet = CITYSCAPES,
     ) -> None:
         if fmt not in FORMATS:
             raise ValueError(f"export.format={fmt!r} is unknown: choose one of {list(FORMATS)}")
+        if not FORMATS[fmt].any_label_set and label_set.names != CITYSCAPES.names:
+            raise ValueError(
+                f"export.format={fmt} writes Cityscapes ids but the label set is "
+                f"{label_set.source or 'another'} ({len(label_set)} classes): use export.format=ids"
+            )
+        self.label_set = label_set
+        ids = np.zeros(256, dtype=np.uint16 if max(label_set.ids) > 255 else np.uint8)
+        ids[: len(label_set)] = label_set.ids
+        self.ids = ids  # (256,) class index -> the label set's id
         if not 0.0 <= invalid_below <= 1.0:
             raise ValueError(f"export.invalid_below={invalid_below} must be in [0, 1]")
         self.format = FORMATS[fmt]
@@ -125,7 +150,10 @@ class Exporter:
         probs = torch.softmax(logits, dim=0)
         confidence, train_ids = probs.max(dim=0)
         train_ids = train_ids.to(torch.uint8).cpu().numpy()
-        labels = TRAIN_ID_TO_CITYSCAPES_ID[train_ids] if fmt.label_ids else train_ids
+        if fmt.any_label_set:
+            labels = self.ids[train_ids]
+        else:
+            labels = TRAIN_ID_TO_CITYSCAPES_ID[train_ids] if fmt.label_ids else train_ids
         write_image(self.out_dir / fmt.folder / f"{name}.png", labels)
         if fmt.darkzurich:
             conf = confidence.cpu().numpy()
@@ -134,7 +162,7 @@ class Exporter:
             scaled = np.round(conf.astype(np.float64) * 65535).astype(np.uint16)
             write_image(self.out_dir / "confidence" / f"{name}.png", scaled)
         if self.color:
-            bgr = cv2.cvtColor(colorize(train_ids), cv2.COLOR_RGB2BGR)
+            bgr = cv2.cvtColor(colorize(train_ids, self.label_set.palette), cv2.COLOR_RGB2BGR)
             write_image(self.out_dir / "color" / f"{name}.png", bgr)
         self.names.append(name)
 

@@ -2,7 +2,7 @@
 
     # A test split in its server's format (mpcl.export), zipped, + colour previews:
     python -m mpcl.predict ckpt_path=<file.ckpt> experiment=mic_gaussian data=cs2acdc split=test
-    python -m mpcl.predict ckpt_path=<file.ckpt> split=val          # synthetic: label IDs
+    python -m mpcl.predict ckpt_path=<file.ckpt>             # synthetic: its val split, label IDs
     # Any images or a video: label PNGs (trainIds) + coloured overlays (+ overlay video):
     python -m mpcl.predict ckpt_path=<file.ckpt> input=/photos [experiment=... as in training]
     python -m mpcl.predict ckpt_path=<file.ckpt> input=drive.mp4 video_stride=5
@@ -23,43 +23,51 @@ import cv2
 import lightning as L
 import numpy as np
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 from rich.progress import track
 from torch.utils.data import DataLoader
 
-from mpcl.data.labels import colorize
+from mpcl.data.base import read_image
+from mpcl.data.labels import colorize, label_set
 from mpcl.errors import ConfigError
 from mpcl.export import Exporter, format_for_dataset
 from mpcl.io import write_image
-from mpcl.run.build import build_module
+from mpcl.run.build import build_module, build_target
 from mpcl.run.cli import run_cli
 from mpcl.run.resume import CheckpointFile
+from mpcl.run.runlog import echo, to_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 
 
+def default_split(cfg: DictConfig) -> str:
+    """``split=null``: the target's test split, or ``val`` on the embedded benchmark (which
+    has no test split)."""
+    return "val" if "synthetic" in str(cfg.data.target_val.get("_target_", "")) else "test"
+
+
 def predict_dataset(cfg: DictConfig):
-    """The target set of ``cfg.split`` (test splits are unlabelled), built like target_val."""
-    ds_cfg = cfg.data.target_val.copy()
-    with open_dict(ds_cfg):
-        ds_cfg.split = cfg.split
-    return instantiate(ds_cfg, _convert_="all")
+    """The target set of ``cfg.split`` (test splits are unlabelled), built like target_val;
+    nothing else is built, so only the target data need be on disk."""
+    return build_target(cfg, split=cfg.get("split") or default_split(cfg))
 
 
-def overlay(image: np.ndarray, train_ids: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+def overlay(
+    image: np.ndarray, train_ids: np.ndarray, palette: np.ndarray, alpha: float = 0.5
+) -> np.ndarray:
     """Blend the class colours over the image.
 
     Args:
         image: (H, W, 3) uint8 RGB.
-        train_ids: (H, W) uint8 trainIds (255 = none: left as the image).
+        train_ids: (H, W) uint8 class indices (255 = none: left as the image).
+        palette: (C, 3) uint8 RGB class colours (``UDAModule.palette``).
         alpha: weight of the colours.
 
     Returns:
         (H, W, 3) uint8 RGB.
     """
-    color = colorize(train_ids).astype(np.float32)
+    color = colorize(train_ids, palette).astype(np.float32)
     out = image.astype(np.float32)
     labelled = (train_ids < 255)[..., None]
     out = np.where(labelled, (1 - alpha) * out + alpha * color, out)
@@ -73,17 +81,32 @@ def _check_input(path: Path) -> None:
         )
 
 
+def output_names(files: list[Path]) -> list[str]:
+    """The name each input image's outputs get: its stem, or, where several files share a
+    stem (``a.png`` and ``a.jpg``), the stem and the extension (``a_png``, ``a_jpg``), so
+    that no output overwrites another."""
+    stems = [p.stem for p in files]
+    names = [
+        s if stems.count(s) == 1 else f"{s}_{p.suffix.lstrip('.').lower()}"
+        for s, p in zip(stems, files, strict=True)
+    ]
+    taken = [n for n in names if names.count(n) > 1]  # a.PNG and a.png
+    if taken:
+        raise ConfigError(
+            f"input has several images that would be written as {taken[0]}.png: rename them"
+        )
+    return names
+
+
 def iter_input(path: Path, video_stride: int = 1) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, (H, W, 3) uint8 RGB) for each image of a folder (sorted) or frame of a video."""
+    """(name, (H, W, 3) uint8 RGB) for each image of a folder (sorted) or frame of a video.
+    A missing, corrupt or truncated image is a one-line OSError naming it."""
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise ConfigError(f"input={path} has no images ({', '.join(IMAGE_SUFFIXES)})")
-        for p in files:
-            bgr = cv2.imread(str(p), cv2.IMREAD_COLOR)
-            if bgr is None:
-                raise OSError(f"cannot read image {p}: corrupt or not an image; remove it")
-            yield p.stem, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        for p, name in zip(files, output_names(files), strict=True):
+            yield name, read_image(p)
         return
     _check_input(path)
     capture = cv2.VideoCapture(str(path))
@@ -133,9 +156,14 @@ def predict_input(cfg: DictConfig, module: L.LightningModule, device: str) -> Pa
         for name, rgb in track(iter_input(source, stride), description="predicting"):
             image = torch.from_numpy(rgb).permute(2, 0, 1).float().div(255)[None].to(device)
             train_ids = module.predict_logits(image).argmax(1)[0].to(torch.uint8).cpu().numpy()
-            write_image(out_dir / "labels" / f"{name}.png", train_ids)
-            blended = cv2.cvtColor(overlay(rgb, train_ids, alpha), cv2.COLOR_RGB2BGR)
-            write_image(out_dir / "overlay" / f"{name}.png", blended)
+            labels_png = out_dir / "labels" / f"{name}.png"
+            write_image(labels_png, train_ids)
+            blended = cv2.cvtColor(
+                overlay(rgb, train_ids, module.palette, alpha), cv2.COLOR_RGB2BGR
+            )
+            overlay_png = out_dir / "overlay" / f"{name}.png"
+            write_image(overlay_png, blended)
+            to_file(f"wrote {labels_png} {overlay_png}")  # every output path, in predict.log
             if is_video:
                 if writer is None:
                     size = (blended.shape[1], blended.shape[0])
@@ -152,11 +180,12 @@ def predict_input(cfg: DictConfig, module: L.LightningModule, device: str) -> Pa
             with open(tmp_video, "rb+") as f:  # on disk before the rename, as mpcl.io does
                 os.fsync(f.fileno())
             os.replace(tmp_video, video)
+            to_file(f"wrote {video}")
     finally:
         if writer is not None:
             writer.release()
         tmp_video.unlink(missing_ok=True)
-    print(f"{count} predictions: {out_dir / 'labels'} (trainIds), overlays: {out_dir / 'overlay'}")
+    echo(f"{count} predictions: {out_dir / 'labels'} (trainIds), overlays: {out_dir / 'overlay'}")
     return out_dir
 
 
@@ -168,7 +197,8 @@ def predict_split(cfg: DictConfig, module: L.LightningModule, device: str) -> Pa
     if fmt == "auto":
         fmt = format_for_dataset(str(cfg.data.target_val._target_))
     out_dir = Path(cfg.paths.output_dir)
-    exporter = Exporter(fmt, out_dir, invalid_below=float(export.get("invalid_below", 0.0)))
+    invalid_below = float(export.get("invalid_below", 0.0))
+    exporter = Exporter(fmt, out_dir, invalid_below, label_set=label_set(cfg.label_set))
     dataset = predict_dataset(cfg)
     loader = DataLoader(dataset, batch_size=1, num_workers=cfg.data.num_workers)
     for batch in track(loader, description="predicting"):
@@ -176,9 +206,12 @@ def predict_split(cfg: DictConfig, module: L.LightningModule, device: str) -> Pa
         exporter.add(logits[0], batch["name"][0])
     zip_path = exporter.finish(expected=len(dataset), make_zip=bool(export.get("zip", True)))
     folders = ", ".join(str(out_dir / f) for f in exporter.format.folders)
-    print(f"predictions ({fmt} server format): {folders}; previews: {out_dir / 'color'}")
+    echo(f"predictions ({fmt} server format): {folders}; previews: {out_dir / 'color'}")
+    for path in sorted(p for p in out_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts):
+        if path.suffix != ".log":
+            to_file(f"wrote {path}")  # every output path, in predict.log
     if zip_path is not None:
-        print(f"submission: {zip_path}")
+        echo(f"submission: {zip_path}")
     return out_dir
 
 

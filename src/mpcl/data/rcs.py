@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mpcl.data.base import SegmentationDataset, make_item
-from mpcl.data.labels import NUM_CLASSES, map_ids
+from mpcl.data.labels import IGNORE_INDEX, map_ids
 from mpcl.io import atomic_write_bytes, file_lock
 
 log = logging.getLogger(__name__)
@@ -30,16 +30,17 @@ log = logging.getLogger(__name__)
 SAMPLE_CLASS_STATS = "sample_class_stats.json"
 SAMPLES_WITH_CLASS = "samples_with_class.json"
 
-# sample_class_stats: one {"name": image stem, "counts": {trainId: n_pixels}} per labelled image
-# (classes with 0 pixels left out). samples_with_class: trainId -> [(image stem, n_pixels)].
+# sample_class_stats: one {"name": image stem, "counts": {class index: n_pixels}} per labelled image
+# (classes with 0 pixels left out). samples_with_class: class index -> [(image stem, n_pixels)].
 SampleClassStats = list[dict]
 SamplesWithClass = dict[int, list[tuple[str, int]]]
 ClassStats = tuple[SampleClassStats, SamplesWithClass]
 
 
 def count_classes(label: np.ndarray) -> np.ndarray:
-    """Pixels per trainId: (H, W) uint8 trainIds -> (NUM_CLASSES,) int64 (ignore not counted)."""
-    return np.bincount(label.ravel(), minlength=256)[:NUM_CLASSES].astype(np.int64)
+    """Pixels per class: (H, W) uint8 class indices -> (255,) int64, entry c the pixels of class
+    c (any label set: C <= 255; ignore, 255, not counted)."""
+    return np.bincount(label.ravel(), minlength=256)[:IGNORE_INDEX].astype(np.int64)
 
 
 def stats_from_counts(names: Sequence[str], counts: Sequence[np.ndarray]) -> ClassStats:
@@ -47,7 +48,7 @@ def stats_from_counts(names: Sequence[str], counts: Sequence[np.ndarray]) -> Cla
 
     Args:
         names: image stems (the ``name`` of the dataset items), one per image.
-        counts: one (NUM_CLASSES,) int array of pixels per trainId per image.
+        counts: one int array of pixels per class index per image (``count_classes``).
     """
     sample_class_stats: SampleClassStats = []
     samples_with_class: SamplesWithClass = {}
@@ -60,7 +61,7 @@ def stats_from_counts(names: Sequence[str], counts: Sequence[np.ndarray]) -> Cla
 
 
 def read_train_ids(dataset: SegmentationDataset, index: int) -> np.ndarray:
-    """The label of item ``index`` as (H, W) uint8 trainIds, at the label file's resolution."""
+    """The label of item ``index`` as (H, W) uint8 class indices, at the label file's resolution."""
     assert dataset.labels is not None
     label = dataset.label_reader(dataset.labels[index])
     if dataset.label_map is not None:
@@ -69,7 +70,7 @@ def read_train_ids(dataset: SegmentationDataset, index: int) -> np.ndarray:
 
 
 def compute_class_stats(dataset: SegmentationDataset) -> ClassStats:
-    """Count trainId pixels per image of a labelled dataset (labels only; images not read).
+    """Count class pixels per image of a labelled dataset (labels only; images not read).
 
     Returns:
         (sample_class_stats, samples_with_class), see ``stats_from_counts``.
@@ -98,7 +99,7 @@ def save_stats(stats: ClassStats, directory: str | Path) -> None:
 
 
 def load_stats(directory: str | Path) -> ClassStats:
-    """Read the statistics ``save_stats`` wrote (JSON string keys back to int trainIds)."""
+    """Read the statistics ``save_stats`` wrote (JSON string keys back to int class indices)."""
     directory = Path(directory)
     paths = [directory / SAMPLE_CLASS_STATS, directory / SAMPLES_WITH_CLASS]
     for path in paths:
@@ -145,8 +146,8 @@ def cached_stats(dataset: SegmentationDataset, directory: str | Path | None = No
 
 def class_frequencies(sample_class_stats: SampleClassStats) -> tuple[np.ndarray, np.ndarray]:
     """Total pixels per class over the set -> (classes (K,) int64, pixel counts (K,) int64),
-    for the K classes present, in trainId order."""
-    total = np.zeros(NUM_CLASSES, dtype=np.int64)
+    for the K classes present, in class-index order."""
+    total = np.zeros(IGNORE_INDEX, dtype=np.int64)
     for s in sample_class_stats:
         for c, n in s["counts"].items():
             total[c] += n
@@ -251,7 +252,7 @@ class RareClassSamplingDataset(Dataset):
                 f"(e.g. {sorted(unknown)[0]}); they belong to another dataset or split: rerun "
                 "`python -m mpcl.prepare` or pass the right stats"
             )
-        self.classes = classes[keep]  # (K,) trainIds that can be drawn
+        self.classes = classes[keep]  # (K,) class indices that can be drawn
         self.probabilities = probs[keep] / probs[keep].sum()  # (K,) P(c)
         self._rng: np.random.Generator | None = None
         self._rng_seed: int | None = None
@@ -288,7 +289,7 @@ class RareClassSamplingDataset(Dataset):
         self._rng_seed = torch.initial_seed()
 
     def draw(self) -> tuple[dict, int]:
-        """One rare-class sample -> (item dict, the drawn trainId c)."""
+        """One rare-class sample -> (item dict, the drawn class c)."""
         rng = self.rng()
         c = int(rng.choice(self.classes, p=self.probabilities))
         names = self.samples_with_class[c]

@@ -38,7 +38,7 @@ import cv2
 import numpy as np
 
 from mpcl.data.base import SegmentationDataset
-from mpcl.data.labels import IGNORE_INDEX, colorize
+from mpcl.data.labels import CITYSCAPES, IGNORE_INDEX, colorize
 from mpcl.io import atomic_write_bytes, file_lock, host_tag, write_image, writer_is_gone
 
 VERSION = 1
@@ -809,7 +809,7 @@ def save_preview(root: str | Path, path: str | Path, num: int = 4) -> Path:
         for f in files:
             imgs.append(cv2.imread(str(f), cv2.IMREAD_COLOR))  # BGR, written back as BGR
             lab = cv2.imread(str(root / domain / "train" / "labels" / f.name), cv2.IMREAD_UNCHANGED)
-            labs.append(cv2.cvtColor(colorize(lab), cv2.COLOR_RGB2BGR))
+            labs.append(cv2.cvtColor(colorize(lab, CITYSCAPES.palette), cv2.COLOR_RGB2BGR))
         for row in (imgs, labs):
             gap = np.full((row[0].shape[0], 4, 3), 255, np.uint8)
             rows.append(np.concatenate([x for im in row for x in (im, gap)][:-1], axis=1))

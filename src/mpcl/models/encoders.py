@@ -14,6 +14,13 @@ removed afterwards; and ``features_only`` models are loaded the same non-strict 
 features come from ``forward_intermediates`` on the plain model instead. A file that does not
 match gets a one-line error that counts and names the offending keys; it is raised ``from
 None`` because ``mpcl.train.report_error`` prints the innermost cause of a chain.
+
+MiT reads its ImageNet weights itself (``load_mit_weights``), in either layout that is still
+served: the NVlabs SegFormer file (``mit_b5.pth``) and the transformers one of the Hugging Face
+``nvidia/mit-b*`` checkpoints (``model.safetensors`` or ``pytorch_model.bin``: the
+``SegformerForImageClassification`` / ``SegformerModel`` key names), converted to the NVlabs
+names and then by timm's own filter, and loaded strictly (the ImageNet classifier dropped).
+``pretrained="hub"`` downloads ``nvidia/mit-b<N>`` through ``huggingface_hub``.
 """
 
 from __future__ import annotations
@@ -23,8 +30,12 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import safetensors
 import timm
+import torch
 from timm.models import group_parameters, load_checkpoint
+from timm.models import load_state_dict as timm_load_state_dict
+from timm.models.pvt_v2 import checkpoint_filter_fn as pvt_v2_checkpoint_filter
 from torch import Tensor, nn
 
 from mpcl.errors import CheckpointError
@@ -36,6 +47,9 @@ __all__ = [
     "ResNetV1c",
     "TimmEncoder",
     "create_timm_model",
+    "download_mit",
+    "load_mit_weights",
+    "mit_from_transformers",
     "resnet_checkpoint_filter",
 ]
 
@@ -110,14 +124,16 @@ def _key_problems(message: str) -> str:
     return "; ".join(problems) or " ".join(message.split())  # unknown wording: torch's own
 
 
-def _checkpoint_error(err: Exception, path: object, what: str, name: str) -> CheckpointError:
-    """The one-line error for an exception raised while timm read ``path`` into model ``name``."""
+def _checkpoint_error(
+    err: Exception, path: object, what: str, name: str, keys: str = "keys after timm's conversion"
+) -> CheckpointError:
+    """The one-line error for an exception raised while timm read ``path`` into model ``name``
+    (``keys``: which names the message lists)."""
     text = str(err)
     checkpoint = "checkpoint" if what == name else f"{what} checkpoint"
     if isinstance(err, RuntimeError) and text.startswith("Error(s) in loading state_dict"):
         return CheckpointError(
-            f"{checkpoint} {path} does not match timm's {name} (keys after timm's "
-            "conversion): " + _key_problems(text)
+            f"{checkpoint} {path} does not match timm's {name} ({keys}): " + _key_problems(text)
         )
     first = text.strip().splitlines()[0] if text.strip() else ""
     return CheckpointError(
@@ -239,14 +255,146 @@ class TimmEncoder(nn.Module):
 # ---------------------------------------------------------------------------
 
 
+# The transformers names of a MiT block's parts (``SegformerLayer``) -> the NVlabs names
+# (``mix_transformer.Block``); key and value are one ``attn.kv`` there, stacked key first.
+_TRANSFORMERS_BLOCK_PARTS = {
+    "layer_norm_1.": "norm1.",
+    "layer_norm_2.": "norm2.",
+    "attention.self.query.": "attn.q.",
+    "attention.self.sr.": "attn.sr.",
+    "attention.self.layer_norm.": "attn.norm.",
+    "attention.output.dense.": "attn.proj.",
+    "mlp.dense1.": "mlp.fc1.",
+    "mlp.dwconv.dwconv.": "mlp.dwconv.dwconv.",
+    "mlp.dense2.": "mlp.fc2.",
+}
+
+
+def is_transformers_mit(state_dict: Mapping[str, object]) -> bool:
+    """Whether a state dict has the transformers MiT names (``...patch_embeddings.0...``)."""
+    return any(".patch_embeddings." in f".{k}" for k in state_dict)
+
+
+def mit_from_transformers(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """transformers MiT names -> NVlabs names (the inverse of transformers'
+    ``convert_segformer_original_to_pytorch.rename_keys`` + ``read_in_k_v``).
+
+    ``segformer.encoder.`` (``SegformerForImageClassification``) or ``encoder.``
+    (``SegformerModel``) prefixes are dropped; ``patch_embeddings.i.{proj,layer_norm}`` ->
+    ``patch_embed{i+1}.{proj,norm}``; ``block.i.j.`` -> ``block{i+1}.j.`` with the parts of
+    ``_TRANSFORMERS_BLOCK_PARTS`` and ``attention.self.{key,value}`` stacked into ``attn.kv``
+    (key rows first); ``layer_norm.i`` -> ``norm{i+1}``; ``classifier`` -> ``head``. Any
+    other key (a half of key/value, a decode head) is kept under its own name, so the strict
+    load names it.
+    """
+    out: dict[str, Tensor] = {}
+    kv: dict[str, dict[str, tuple[str, Tensor]]] = {}
+    for key, value in state_dict.items():
+        k = key.removeprefix("segformer.").removeprefix("encoder.")
+        if k.startswith("classifier."):
+            out["head." + k.removeprefix("classifier.")] = value
+            continue
+        m = re.fullmatch(r"patch_embeddings\.(\d+)\.(proj|layer_norm)\.(\w+)", k)
+        if m:
+            part = "proj" if m[2] == "proj" else "norm"
+            out[f"patch_embed{int(m[1]) + 1}.{part}.{m[3]}"] = value
+            continue
+        m = re.fullmatch(r"layer_norm\.(\d+)\.(\w+)", k)
+        if m:
+            out[f"norm{int(m[1]) + 1}.{m[2]}"] = value
+            continue
+        m = re.fullmatch(r"block\.(\d+)\.(\d+)\.(.+)", k)
+        if m is None:
+            out[key] = value
+            continue
+        prefix, rest = f"block{int(m[1]) + 1}.{m[2]}.", m[3]
+        half = re.fullmatch(r"attention\.self\.(key|value)\.(\w+)", rest)
+        if half:
+            kv.setdefault(f"{prefix}attn.kv.{half[2]}", {})[half[1]] = (key, value)
+            continue
+        new = next((n for o, n in _TRANSFORMERS_BLOCK_PARTS.items() if rest.startswith(o)), None)
+        if new is None:
+            out[key] = value
+        else:
+            old = next(o for o in _TRANSFORMERS_BLOCK_PARTS if rest.startswith(o))
+            out[prefix + new + rest[len(old) :]] = value
+    for name, halves in kv.items():
+        if set(halves) == {"key", "value"}:
+            out[name] = torch.cat([halves["key"][1], halves["value"][1]], dim=0)
+        else:
+            out.update(dict(halves.values()))
+    return out
+
+
+def load_mit_weights(model: nn.Module, path: str | Path, name: str) -> None:
+    """Load MiT ImageNet weights from ``path`` into timm's ``name`` model, strictly.
+
+    Args:
+        model: timm ``pvt_v2_b*`` built with MiT's mlp ratios and no classifier.
+        path: an NVlabs ``mit_b*.pth``, a timm-layout file, or a transformers
+            ``model.safetensors`` / ``pytorch_model.bin`` of ``nvidia/mit-b*``.
+        name: the timm model name (for messages).
+
+    Raises FileNotFoundError (no file) and CheckpointError (unreadable, or keys / shapes that
+    differ: all named, after conversion), each one line.
+    """
+    what = "MiT ImageNet"
+    path = _checkpoint_file(path, what)
+    try:
+        state_dict = timm_load_state_dict(str(path))  # .safetensors by extension, else torch
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+        raise _checkpoint_error(err, path, what, name) from None
+    except safetensors.SafetensorError as err:
+        raise _checkpoint_error(err, path, what, name) from None
+    keys = "keys after timm's conversion"
+    if is_transformers_mit(state_dict):
+        state_dict = mit_from_transformers(state_dict)
+        keys = "transformers layout; keys after conversion to timm's"
+    state_dict = pvt_v2_checkpoint_filter(state_dict, model)
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as err:
+        raise _checkpoint_error(err, path, what, name, keys) from None
+
+
+def download_mit(variant: str) -> Path:
+    """``nvidia/mit-<variant>`` from the Hugging Face hub (``model.safetensors``, else
+    ``pytorch_model.bin``) through ``huggingface_hub``'s cache; where the hub cannot be
+    reached, an OSError saying in one line what to download and where to point."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    repo = f"nvidia/mit-{variant}"
+    url = f"https://huggingface.co/{repo}/resolve/main"
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        try:
+            return Path(hf_hub_download(repo, filename))
+        except Exception as err:  # noqa: BLE001 - network, HTTP, cache: all end the same way
+            if isinstance(err, EntryNotFoundError) and not isinstance(err, LocalEntryNotFoundError):
+                continue  # the repo has no such file: try the next one
+            reason = " ".join(str(err).split())[:200]
+            raise OSError(
+                f"cannot download {repo} from the Hugging Face hub ({type(err).__name__}: "
+                f"{reason}); download {url}/model.safetensors (or pytorch_model.bin) where the "
+                "network allows and set model.encoder.pretrained=<that file>"
+            ) from None
+    raise OSError(
+        f"{repo} on the Hugging Face hub has neither model.safetensors nor pytorch_model.bin; "
+        f"download the NVlabs mit_{variant}.pth and set model.encoder.pretrained=<that file>"
+    )
+
+
 class MiT(TimmEncoder):
     """Mix Transformer encoder (SegFormer) MiT-B0..B5: timm's ``pvt_v2_b*`` with
     ``mlp_ratios=(4, 4, 4, 4)`` (pvt_v2_b0..b4 default to (8, 8, 4, 4)).
 
     Args:
         variant: ``"b0"`` .. ``"b5"``.
-        pretrained: the official ImageNet-1k checkpoint (NVlabs ``mit_b5.pth``, the file
-            DAFormer, HRDA and MIC start from; classifier included, as published), or None.
+        pretrained: the ImageNet-1k weights: the NVlabs file (``mit_b5.pth``, the one DAFormer,
+            HRDA and MIC start from), the transformers file of ``nvidia/mit-b5`` on the
+            Hugging Face hub (``model.safetensors`` or ``pytorch_model.bin``), ``"hub"`` to
+            download the latter, or None (random init).
         drop_path_rate: stochastic depth, linearly increasing over all blocks (MiT: 0.1).
         depths: blocks per stage, overriding the variant's (for tiny test models only).
 
@@ -263,16 +411,22 @@ class MiT(TimmEncoder):
     ) -> None:
         if variant not in MIT_ARCHS:
             raise ValueError(f"unknown MiT variant {variant!r}; choose one of {sorted(MIT_ARCHS)}")
+        if pretrained is not None and str(pretrained) == HUB:
+            pretrained = download_mit(variant)
+        elif pretrained is not None:
+            _checkpoint_file(pretrained, "MiT ImageNet")  # before building a large model
         overrides = {} if depths is None else {"depths": tuple(depths)}
         super().__init__(
             f"pvt_v2_{variant}",
-            pretrained,
+            None,
             what="MiT ImageNet",
             mlp_ratios=(4, 4, 4, 4),
             drop_path_rate=drop_path_rate,
             **overrides,
         )
         self.variant = variant
+        if pretrained is not None:
+            load_mit_weights(self.model, pretrained, f"pvt_v2_{variant}")
 
 
 # ---------------------------------------------------------------------------

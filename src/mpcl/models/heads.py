@@ -179,7 +179,8 @@ class SegFormerHead(nn.Module):
         self,
         in_channels: Sequence[int],
         embed_dim: int = 256,
-        num_classes: int = 19,
+        *,
+        num_classes: int,
         dropout: float = 0.1,
     ):
         super().__init__()
@@ -200,7 +201,8 @@ class DAFormerHead(nn.Module):
         self,
         in_channels: Sequence[int],
         embed_dim: int = 256,
-        num_classes: int = 19,
+        *,
+        num_classes: int,
         dilations: Sequence[int] = (1, 6, 12, 18),
         dropout: float = 0.1,
     ):
@@ -222,7 +224,7 @@ class DLV2Head(nn.Module):
     def __init__(
         self,
         in_channels: int | Sequence[int],
-        num_classes: int = 19,
+        num_classes: int,
         dilations: Sequence[int] = (6, 12),
     ):
         super().__init__()

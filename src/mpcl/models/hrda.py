@@ -222,7 +222,7 @@ class HRDASegmentor(nn.Module):
     def forward(self, images: Tensor) -> dict[str, Any]:
         return self.forward_train(images)
 
-    def forward_train(self, images: Tensor) -> dict[str, Any]:
+    def forward_train(self, images: Tensor, with_features: bool = True) -> dict[str, Any]:
         """images (B, 3, H, W) in [0, 1], a full-resolution training crop -> dict with
 
         - ``fused``: (B, C, H/4, W/4) fused logits (HR grid; s = decode-head stride, 4 for MiT);
@@ -230,18 +230,19 @@ class HRDASegmentor(nn.Module):
         - ``lr_logits``: (B, C, H/8, W/8) logits of the context (before attention weighting);
         - ``attention``: (B, C, H/8, W/8) scale attention, exactly 0 outside the detail crop;
         - ``hr_box``: (y1, y2, x1, x2) detail crop in pixels of ``images`` (``crop_labels``);
-        - ``lr_features``: (B, D, H/8, W/8) prototype features of the context, or None;
+        - ``lr_features``: (B, D, H/8, W/8) prototype features of the context, or None
+          (no prototype head, or ``with_features`` False: no prototype loss reads the pass);
         - ``hr_features``: (B, D, h_c/4, w_c/4) prototype features of the detail crop, or None;
         - ``encoder_features``: encoder features of the context (for Feature Distance);
         - ``encoder_input``: the normalised context images the encoder saw.
         """
         height, width = images.shape[-2:]
         lr_images = _resize(images, self.lr_scale)
-        lr = self.segmentor(lr_images)
+        lr = self.segmentor(lr_images, with_features)
         attention = self.scale_attention(lr["encoder_features"])
 
         box = get_crop_box(height, width, self.hr_crop_size, self.crop_divisible)
-        hr = self.segmentor(crop_labels(images, box))
+        hr = self.segmentor(crop_labels(images, box), with_features)
 
         # Grid units in input pixels: one LR logit cell = lr_stride / lr_scale pixels.
         lr_stride = _exact_ratio(lr_images.shape[-2], lr["logits"].shape[-2], "LR logits stride")

@@ -48,9 +48,11 @@ class SegmentationModel(Protocol):
       first (``("lr",)``; HRDA: ``("lr", "hr")``); the prototype learner keeps one feature
       bank per name and Eq. 18 weights the second by lambda_d.
     - ``prototype_dim``: channels D of the prototype head, or None without one.
-    - ``forward_train(images)``: a dict for the two methods below; its ``encoder_features``
-      (list of (B, C_i, h_i, w_i)) and ``encoder_input`` (the normalised images the encoder
-      saw) feed ImageNet Feature Distance.
+    - ``forward_train(images, with_features=True)``: a dict for the two methods below; its
+      ``encoder_features`` (list of (B, C_i, h_i, w_i)) and ``encoder_input`` (the normalised
+      images the encoder saw) feed ImageNet Feature Distance. ``with_features=False``: no
+      prototype loss reads this pass (MIC's masked image), so the prototype head is skipped
+      (its features are None) and ``prototype_views`` must not be called on the output.
     - ``seg_loss(out, labels, weights)``: the model's (weighted) segmentation loss.
     - ``prototype_views(out, labels, weights)``: [PrototypeView] in ``resolutions`` order.
     - ``predict(images)``: logits (B, C, H, W); ``predict_features(images)``: prototype-head
@@ -64,7 +66,7 @@ class SegmentationModel(Protocol):
     @property
     def prototype_dim(self) -> int | None: ...
 
-    def forward_train(self, images: Tensor) -> dict[str, Any]: ...
+    def forward_train(self, images: Tensor, with_features: bool = True) -> dict[str, Any]: ...
 
     def seg_loss(self, out: dict[str, Any], labels: Tensor, weights: Tensor | None) -> Tensor: ...
 
@@ -148,9 +150,10 @@ class Segmentor(nn.Module):
     def prototype_dim(self) -> int | None:
         return None if self.proto_head is None else self.proto_head.proto_dim
 
-    def forward_train(self, images: Tensor) -> dict[str, Any]:
-        """The training forward: ``forward`` with prototype features."""
-        return self.forward(images)
+    def forward_train(self, images: Tensor, with_features: bool = True) -> dict[str, Any]:
+        """The training forward: ``forward``, with prototype features unless ``with_features``
+        is False (a pass no prototype loss reads)."""
+        return self.forward(images, with_features)
 
     def seg_loss(self, out: dict[str, Any], labels: Tensor, weights: Tensor | None) -> Tensor:
         """Weighted CE of ``out["logits"]`` (upsampled) against labels (B, H, W)."""

@@ -36,12 +36,15 @@ PANELS: dict[str, Any] = {
 }
 
 
-def debug_grid(images: dict[str, torch.Tensor], max_rows: int = 2) -> np.ndarray:
+def debug_grid(
+    images: dict[str, torch.Tensor], palette: np.ndarray, max_rows: int = 2
+) -> np.ndarray:
     """One row per sample, one titled column per intermediate.
 
     Args:
         images: name -> (B, 3, H, W) images in [0, 1], (B, H, W) labels, or (B, [1,] H, W)
             weights / masks in [0, 1] (sizes may differ: panels are resized to the first).
+        palette: (C, 3) uint8 RGB class colours of the labels.
         max_rows: samples shown.
 
     Returns:
@@ -57,7 +60,8 @@ def debug_grid(images: dict[str, torch.Tensor], max_rows: int = 2) -> np.ndarray
             value = images[name][b]
             if value.dim() == 3 and value.shape[0] == 1:
                 value = value[0]
-            cell = PANELS[name](value)
+            draw = PANELS[name]
+            cell = draw(value, palette) if draw is labels else draw(value)
             if cell.shape[:2] != (height, width):
                 cell = cv2.resize(cell, (width, height), interpolation=cv2.INTER_NEAREST)
             cells.append(cell)
@@ -96,7 +100,7 @@ class DebugImages(L.Callback):
         if not images:
             return
         step = trainer.global_step
-        panels = {"panels": debug_grid(images, self.max_rows)}
+        panels = {"panels": debug_grid(images, module.palette, self.max_rows)}
         maps = self._activation_maps(module, images)
         if maps is not None:
             panels["prototype_maps"] = maps

@@ -12,8 +12,9 @@ import lightning as L
 import numpy as np
 import torch
 
-from mpcl.data.labels import IGNORE_INDEX, colorize
+from mpcl.data.labels import IGNORE_INDEX
 from mpcl.monitor.dashboard import wandb_loggers, wandb_step
+from mpcl.monitor.images import labels as labels_rgb
 from mpcl.monitor.images import rgb, save_png
 from mpcl.monitor.viz import prototype_activation_maps, tsne_figure
 from mpcl.prototypes import downsample
@@ -94,7 +95,9 @@ class Figures(L.Callback):
         images, labels = self._batch(trainer, module.device)
         preds = module.predict_logits(images).argmax(1)
         rows = [
-            np.concatenate([rgb(img), colorize(p.cpu().numpy()), colorize(t.cpu().numpy())], 1)
+            np.concatenate(
+                [rgb(img), labels_rgb(p, module.palette), labels_rgb(t, module.palette)], 1
+            )
             for img, p, t in zip(images, preds, labels, strict=True)
         ]
         panels = {"predictions": np.concatenate(rows, 0)}

@@ -25,9 +25,12 @@ def gray(values: torch.Tensor) -> np.ndarray:
     return cv2.cvtColor(cv2.applyColorMap(v, cv2.COLORMAP_VIRIDIS), cv2.COLOR_BGR2RGB)
 
 
-def labels(values: torch.Tensor) -> np.ndarray:
-    """(H, W) class ids (255 = ignore) -> (H, W, 3) uint8 in the class colours."""
-    return colorize(values.detach().cpu().numpy().astype(np.int64).clip(0, 255))
+def labels(values: torch.Tensor, palette: np.ndarray) -> np.ndarray:
+    """(H, W) class indices (255 = ignore) -> (H, W, 3) uint8 in the class colours.
+
+    ``palette``: (C, 3) uint8 RGB class colours (``UDAModule.palette``); ignore is black.
+    """
+    return colorize(values.detach().cpu().numpy().astype(np.int64).clip(0, 255), palette)
 
 
 def save_png(image: np.ndarray, path: Path) -> None:

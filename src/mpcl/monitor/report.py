@@ -43,19 +43,21 @@ def final_report(
         if "val/mIoU_prototype" in metrics:
             table.add_row("mIoU (prototype output)", f"{metrics['val/mIoU_prototype']:.2f}")
         console.print(table)
-    console.print(f"logs: {_log_dir(trainer) or cfg.paths.output_dir}")
+    # Paths are never wrapped (soft_wrap): rich would fold them at 80 columns in a log file.
+    console.print(f"logs: {_log_dir(trainer) or cfg.paths.output_dir}", soft_wrap=True)
     ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or getattr(
         trainer.checkpoint_callback, "best_model_path", ""
     )
     if ckpt:
-        console.print(f"checkpoint: {ckpt}")
+        console.print(f"checkpoint: {ckpt}", soft_wrap=True)
     for logger in trainer.loggers:
         if type(logger).__name__ != "WandbLogger":
             continue
         if is_offline(logger):
             run_dir = Path(logger.experiment.dir).parent  # .../wandb/offline-run-<id>
             console.print(
-                f"W&B run (offline): {run_dir}\n  upload it later with: wandb sync {run_dir}"
+                f"W&B run (offline): {run_dir}\n  upload it later with: wandb sync {run_dir}",
+                soft_wrap=True,
             )
         else:
-            console.print(f"W&B run: {logger.experiment.url}")
+            console.print(f"W&B run: {logger.experiment.url}", soft_wrap=True)

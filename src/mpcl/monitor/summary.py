@@ -10,7 +10,8 @@ the same from the command line, for finished, running or several sweeps:
 The table is the paper's shape: with two swept parameters (besides ``seed``) it is pivoted,
 rows = the first parameter, columns = the second (Tables IX / X: K x lambda_1); with ``seed``
 swept each cell is mean +- std over the seeds (sample std, n - 1). The CSV has one row per
-job: its overrides, mIoU, prototype-output mIoU, status, minutes and directory.
+job: its overrides, mIoU, prototype-output mIoU, status, minutes, directory, and for a failed
+job its exit status and one-line error (from ``<job>/job.json``, ``mpcl.run.launch``).
 
 A job's metrics are the last ``val/mIoU`` and ``val/mIoU_prototype`` of its CSV log
 (``<job>/csv/metrics.csv``, written by ``logger=csv`` and ``logger=wandb``); without one,
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import logging
 import math
 import statistics
@@ -36,10 +36,10 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from mpcl.io import atomic_write_bytes
+from mpcl.run.launch import job_dirs, read_job_record
 
 log = logging.getLogger(__name__)
 
-JOB_FILE = "job.json"  # written by SweepSummary.on_job_end into each job's output dir
 METRICS = {"mIoU": "val/mIoU", "mIoU (prototype output)": "val/mIoU_prototype"}
 # Overrides that say where things are, not what was trained: never a table dimension.
 _NOT_PARAMETERS = ("paths.", "hydra.", "task_name", "ckpt_path")
@@ -54,6 +54,8 @@ class Job:
     metrics: dict[str, float] = field(default_factory=dict)
     status: str = "missing"  # finished | failed | running/missing
     minutes: float | None = None
+    exit_status: int | None = None  # a failed job's
+    error: str | None = None  # a failed job's one line
 
 
 def _final_metrics(metrics_csv: Path) -> dict[str, float]:
@@ -77,10 +79,10 @@ def read_job(job_dir: str | Path) -> Job:
     """Overrides, final metrics and status of one job directory (``<sweep>/<num>/``)."""
     job_dir = Path(job_dir)
     job = Job(job_dir, _read_overrides(job_dir))
-    record = {}
-    if (job_dir / JOB_FILE).is_file():
-        record = json.loads((job_dir / JOB_FILE).read_text())
-        job.status = record.get("status", job.status)
+    record = read_job_record(job_dir) or {}
+    job.status = record.get("status", job.status)
+    if job.status == "failed":
+        job.exit_status, job.error = record.get("exit_status"), record.get("error")
     metrics_csv = job_dir / "csv" / "metrics.csv"
     if metrics_csv.is_file():
         job.metrics = _final_metrics(metrics_csv)
@@ -100,11 +102,7 @@ def find_jobs(sweep_dirs: Sequence[str | Path]) -> list[Job]:
         sweep = Path(sweep)
         if not sweep.is_dir():
             raise FileNotFoundError(f"{sweep} is not a directory: give a multirun directory")
-        found = sorted(
-            (p.parents[1] for p in sweep.glob("**/.hydra/overrides.yaml")),
-            key=lambda p: [int(s) if s.isdigit() else s for s in p.relative_to(sweep).parts],
-        )
-        jobs += [read_job(p) for p in found]
+        jobs += [read_job(p) for p in job_dirs(sweep)]
     if not jobs:
         raise FileNotFoundError(
             f"no Hydra jobs (*/.hydra/overrides.yaml) under {', '.join(map(str, sweep_dirs))}"
@@ -189,8 +187,10 @@ def summary_markdown(jobs: Sequence[Job], title: str = "Sweep summary") -> str:
     params = swept_parameters(jobs)
     seeds = len({j.overrides.get("seed") for j in jobs}) if "seed" in params else 1
     finished = sum(j.status == "finished" for j in jobs)
+    failed = [j for j in jobs if j.status == "failed"]
     common = [f"{k}={v}" for k, v in jobs[0].overrides.items() if k not in params]
-    out = [f"# {title}", "", f"{len(jobs)} jobs, {finished} finished."]
+    counts = f"{len(jobs)} jobs, {finished} finished" + (f", {len(failed)} failed" * bool(failed))
+    out = [f"# {title}", "", counts + "."]
     if common:
         out.append("Common overrides: " + " ".join(f"`{c}`" for c in common))
     over = f", mean ± std over {seeds} seeds" if seeds > 1 else ""
@@ -209,7 +209,14 @@ def summary_markdown(jobs: Sequence[Job], title: str = "Sweep summary") -> str:
         for j in jobs
     ]
     out += ["", "## jobs", "", _markdown(header, rows)]
+    if failed:
+        out += ["", "## failed jobs", ""]
+        out += [f"- {_job_name(j)}: exit {j.exit_status}: {_error(j)}" for j in failed]
     return "\n".join(out) + "\n"
+
+
+def _error(job: Job) -> str:
+    return str(job.error or "no error recorded").removeprefix("error: ")
 
 
 def _job_name(job: Job) -> str:
@@ -223,7 +230,8 @@ def summary_csv(jobs: Sequence[Job]) -> str:
         keys += [k for k in job.overrides if k not in keys]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["job", *keys, "mIoU", "mIoU_prototype", "status", "minutes", "dir"])
+    header = ["job", *keys, "mIoU", "mIoU_prototype", "status", "minutes", "dir"]
+    writer.writerow([*header, "exit_status", "error"])
     for job in jobs:
         writer.writerow(
             [
@@ -233,6 +241,8 @@ def summary_csv(jobs: Sequence[Job]) -> str:
                 job.status,
                 "" if job.minutes is None else f"{job.minutes:.2f}",
                 str(job.path),
+                "" if job.exit_status is None else job.exit_status,
+                job.error or "",
             ]
         )
     return buffer.getvalue()
@@ -254,30 +264,9 @@ def summarize(sweep_dirs: Sequence[str | Path], out_dir: str | Path | None = Non
 
 
 class SweepSummary(Callback):
-    """Hydra callback: records each job's status and return value (``<job>/job.json``,
-    written on the machine that ran it) and, when the multirun ends, writes and prints the
-    sweep summary (``<sweep dir>/summary.md``, ``summary.csv``)."""
-
-    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.core.utils import JobStatus
-        from hydra.types import RunMode
-
-        from mpcl.distributed import is_rank_zero
-
-        hydra_cfg = HydraConfig.get()
-        if hydra_cfg.mode != RunMode.MULTIRUN or not is_rank_zero():
-            return
-        ok = job_return.status == JobStatus.COMPLETED
-        value = job_return._return_value if ok else None
-        record = {
-            "status": "finished" if ok else "failed",
-            "return_value": value if isinstance(value, int | float) else None,
-            "error": None if ok else repr(job_return._return_value)[:500],
-            "overrides": list(hydra_cfg.overrides.task),
-        }
-        out = Path(hydra_cfg.runtime.output_dir) / JOB_FILE
-        atomic_write_bytes(out, (json.dumps(record, indent=2) + "\n").encode())
+    """Hydra callback: when the multirun ends, writes and prints the sweep summary
+    (``<sweep dir>/summary.md``, ``summary.csv``), failed jobs included; each job's status
+    and return value come from its ``job.json`` (``mpcl.run.launch.JobOutcome``)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))

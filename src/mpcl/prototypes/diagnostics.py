@@ -25,6 +25,8 @@ def step_diagnostics(
     positive: torch.Tensor,
     initialized: torch.Tensor,
     refined: torch.Tensor | None = None,
+    mean: torch.Tensor | None = None,
+    initial_mean: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The diagnostics of one resolution of one step.
 
@@ -37,13 +39,19 @@ def step_diagnostics(
         initialized: (C,) bool, classes with prototypes.
         refined: (C,) bool, classes whose refined K-Means has run (early start only; None:
             no ``num_refined``).
+        mean, initial_mean: (C, K, D) the prototype means now and as their K-Means start left
+            them (None: no ``drift``).
 
     Returns:
         0-dim float tensors: ``num_initialized`` (classes with prototypes), ``num_pixels``
         (active pixels), ``assignment_entropy`` (mean row entropy of Q / log K),
         ``prototype_usage`` (fraction of the present classes' prototypes that got a pixel),
-        ``proto_accuracy`` (Eq. 10 prediction vs labels on the active pixels) and, with
-        ``refined``, ``num_refined``.
+        ``proto_accuracy`` (Eq. 10 prediction vs labels on the active pixels),
+        ``assignment_balance`` (Sinkhorn's equipartition, Eq. 14, in the hard assignment:
+        per present class the smallest prototype's pixel count over the mean count, averaged;
+        1 = equal shares, 0 = a prototype got none), with ``refined`` ``num_refined``, and with
+        the means ``drift`` (mean L2 distance of the initialised classes' prototype means
+        from their K-Means start).
     """
     device = sim.device
     num_classes, K = sim.shape[1], sim.shape[2]
@@ -61,6 +69,10 @@ def step_diagnostics(
     present = present.index_fill(0, torch.where(active, labels, num_classes), True)
     present = present[:num_classes]  # (C,)
     usage = (used.float().mean(1) * present).sum() / present.sum().clamp_min(1)
+    counts = torch.zeros(num_total + 1, device=device).index_add_(0, slot, on)
+    counts = counts[:num_total].view(num_classes, K)  # (C, K) pixels per prototype
+    shares = counts.min(1).values / counts.mean(1).clamp_min(1e-12)  # (C,)
+    balance = (shares * present).sum() / present.sum().clamp_min(1)
     scores = class_scores(sim).masked_fill(~initialized, float("-inf"))  # (N, C)
     correct = (scores.argmax(1) == labels).float()
     denominator = num_pixels.clamp_min(1)
@@ -70,7 +82,11 @@ def step_diagnostics(
         "assignment_entropy": (entropy * on).sum() / denominator / max_entropy,
         "prototype_usage": usage,
         "proto_accuracy": (correct * on).sum() / denominator,
+        "assignment_balance": balance,
     }
     if refined is not None:
         out["num_refined"] = refined.sum().float()
+    if mean is not None and initial_mean is not None:
+        distance = (mean - initial_mean).norm(dim=-1).mean(1)  # (C,)
+        out["drift"] = (distance * initialized).sum() / initialized.sum().clamp_min(1)
     return out

@@ -51,7 +51,11 @@ class FeatureBank(nn.Module):
 
     @torch.no_grad()
     def add(
-        self, features: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> None:
         """Store up to ``max_per_step`` randomly chosen features of each class.
 
@@ -64,6 +68,8 @@ class FeatureBank(nn.Module):
             labels: (N,) int64 class in [0, C) where ``mask`` is True (anything elsewhere).
             mask: (N,) bool, the pixels to store from (default: all); a mask and not a
                 selection, whose data-dependent shape would make the host wait.
+            generator: the CPU generator of the random picks (the learner's ``feature_bank``
+                stream, ``mpcl.streams``; default: torch's global one).
         """
         num_pixels = labels.shape[0]
         if num_pixels == 0:
@@ -78,7 +84,7 @@ class FeatureBank(nn.Module):
         # Random keys of the union batch (as DDP ranks draw them: one process and N ranks
         # keep the same random stream), then a stable sort by class: each class's pixels in
         # a random order.
-        keys = host_to_device(rank_rand(1, num_pixels)[0], device)  # (N,)
+        keys = host_to_device(rank_rand(1, num_pixels, generator=generator)[0], device)  # (N,)
         order = torch.sort(keys).indices
         order = order[torch.sort(classes[order], stable=True).indices]
         per_class = torch.zeros(num_classes + 1, dtype=torch.long, device=device)

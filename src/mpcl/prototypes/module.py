@@ -34,6 +34,7 @@ from mpcl.prototypes.feature_bank import FeatureBank
 from mpcl.prototypes.kinds import Prototypes, check_K
 from mpcl.prototypes.losses import consistency_loss, contrastive_loss
 from mpcl.prototypes.updates import BANK_MODES, UPDATES, BankUpdate
+from mpcl.streams import RandomStreams
 
 LOSSES = ("contrast", "consistency")
 
@@ -100,14 +101,17 @@ class PrototypeLearning(nn.Module):
         bank_max_per_step: features of one class stored per step in a bank.
         kmeans_iters: Lloyd iterations of the initialisation.
         ignore_index: label of unlabelled pixels.
+        seed: the run's seed: the feature-bank picks and the K-Means seeding draw from their own
+            streams (``mpcl.streams``), so turning the prototypes on or off leaves the other
+            random draws of a run unchanged.
     """
 
     def __init__(
         self,
         prototypes: Callable[..., Prototypes],
+        num_classes: int,
         K: int = 5,
         dim: int = 256,
-        num_classes: int = 19,
         resolutions: Sequence[str] = ("lr",),
         feature_bank_size: int = 20000,
         bank_mode: str = "init",
@@ -125,6 +129,7 @@ class PrototypeLearning(nn.Module):
         bank_max_per_step: int | None = None,
         kmeans_iters: int = 50,
         ignore_index: int = IGNORE_INDEX,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         check_K(K)
@@ -174,6 +179,8 @@ class PrototypeLearning(nn.Module):
         self.in_class_negatives = in_class_negatives
         self.normalize_features = normalize_features
         self.kmeans_iters = kmeans_iters
+        # Plain generators, not state: checkpoints keep their states (UDAModule's rng_states).
+        self.streams = RandomStreams(seed, ("feature_bank", "kmeans"))
         self.ignore_index = ignore_index
         self.resolutions = resolutions
         self.feature_banks = nn.ModuleDict(
@@ -205,6 +212,9 @@ class PrototypeLearning(nn.Module):
             )
         # Early start: (C,) bool, classes whose final K-Means on a full class slot has run.
         self.register_buffer("refined", torch.zeros(num_classes, dtype=torch.bool))
+        # (C, K, D) each class's prototype means as its (last) K-Means left them: the
+        # ``drift`` diagnostic measures how far the EMA updates have moved them since.
+        self.register_buffer("initial_mean", torch.zeros_like(self.prototypes.mean))
         self.register_load_state_dict_post_hook(_refresh_start)
 
     @property
@@ -220,6 +230,10 @@ class PrototypeLearning(nn.Module):
         key, flags = prefix + "refined", prefix + "prototypes.initialized"
         if key not in state_dict and flags in state_dict:
             state_dict[key] = state_dict[flags].clone()
+        # Checkpoints from before the drift diagnostic: measure drift from the loaded means.
+        key, means = prefix + "initial_mean", prefix + "prototypes.mean"
+        if key not in state_dict and means in state_dict:
+            state_dict[key] = state_dict[means].clone()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -410,6 +424,8 @@ class PrototypeLearning(nn.Module):
             positive,
             self.prototypes.initialized,
             self.refined if self.early_start else None,
+            self.prototypes.mean,
+            self.initial_mean,
         )
         return out
 

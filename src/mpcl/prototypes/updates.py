@@ -79,7 +79,7 @@ class KMeansStart:
         initialized = prototypes.initialized
         waiting = ~learner.refined if learner.early_start else ~initialized  # (C,)
         if fill:
-            bank.add(features, labels, usable & waiting[labels])
+            bank.add(features, labels, usable & waiting[labels], learner.streams["feature_bank"])
         stored = sum(b.count for b in banks)  # (C,) over resolutions
         ready = ~initialized & (stored >= learner.min_init_features)
         if learner.early_start:  # the refined start, once the class slot is full
@@ -98,11 +98,14 @@ class KMeansStart:
             return
         for cls in ready_classes:
             class_features = torch.cat([b.get(cls) for b in banks])  # (n_c, D)
-            centers, assign = kmeans(class_features, learner.K, learner.kmeans_iters)
+            centers, assign = kmeans(
+                class_features, learner.K, learner.kmeans_iters, learner.streams["kmeans"]
+            )
             counts, sums, sq_sums = cluster_statistics(class_features, assign, learner.K)
             n = counts.clamp_min(1)[:, None]
             variances = (sq_sums / n - (sums / n) ** 2).clamp_min(0)  # (K, D)
             prototypes.initialize(cls, centers, variances)
+            learner.initial_mean[cls] = prototypes.mean[cls]  # the drift diagnostic's origin
         learner.refined |= flags[1].bool()
         if distributed:  # rank 0's K-Means result, so that all ranks hold the same prototypes
             for buffer in prototypes.buffers():
@@ -207,7 +210,7 @@ class QueueUpdate(BankUpdate):
         usable: torch.Tensor,
     ) -> None:
         # ``positive`` and ``weights`` are not used: the queue's own assignment replaces them.
-        bank.add(features, labels, usable)
+        bank.add(features, labels, usable, learner.streams["feature_bank"])
         self.update_from_queue(learner, bank)
         self.start.step(learner, bank, features, labels, usable, fill=False)  # already filled
 

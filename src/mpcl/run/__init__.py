@@ -9,6 +9,8 @@ resuming, the guards, the run log, how the run was launched.
 - ``resume``: the checkpoint a run continues from, read once.
 - ``guards``: divergence and SIGINT/SIGTERM guards (callbacks).
 - ``runlog``: the run's log file, progress lines and the progress bar.
-- ``launch``: the multirun + DDP check, SLURM requeue.
+- ``launch``: the multirun + DDP check, SLURM requeue, each sweep job's record (a failed job
+  does not end the sweep).
+- ``rundir``: one run per run directory (a lock holding pid@host).
 - ``sync_batchnorm``: union-batch BatchNorm for CPU ranks.
 """

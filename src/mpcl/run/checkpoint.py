@@ -154,12 +154,13 @@ def _load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)  # legacy format
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
+def read_checkpoint(path: str | os.PathLike, key: str = "ckpt_path") -> dict:
     """Load a training checkpoint (CPU, memory-mapped, ``weights_only``); a missing, empty,
-    truncated or foreign file is a one-line ``ConfigError`` naming it."""
+    truncated or foreign file is a one-line ``ConfigError`` naming it (and the config ``key``
+    that gave it)."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"ckpt_path={p} does not exist: give the path of a .ckpt file")
+        raise ConfigError(f"{key}={p} does not exist: give the path of a .ckpt file")
     if p.stat().st_size == 0:
         raise ConfigError(
             f"cannot read checkpoint {p}: it is empty (0 bytes, a copy or save cut short): "
@@ -211,6 +212,36 @@ def check_state_dict(
         f"{path} does not match the configured model ({'; '.join(parts)}): pass the run's "
         "experiment/overrides, or drop those that change the model"
     )
+
+
+def load_student(student: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Start ``student`` from the student weights of an mpcl training checkpoint
+    (``init_from=<file>``: e.g. a source-only model, as CBST/ProDA-style pipelines warm up).
+
+    Strict, except for the prototype head: a checkpoint without one (a run with
+    ``prototype=none``) leaves the student's own initial head; a checkpoint with one loads
+    into a student without it by dropping those keys. Anything else that differs is a
+    one-line ConfigError.
+    """
+    checkpoint = read_checkpoint(path, key="init_from")
+    state = {
+        k.removeprefix("student."): v
+        for k, v in checkpoint["state_dict"].items()
+        if k.startswith("student.")
+    }
+    if not state:
+        raise ConfigError(
+            f"init_from={path} holds no student weights (student.*): give an mpcl training "
+            "checkpoint"
+        )
+    own = student.state_dict()
+    heads = [k for k in own if k.startswith("proto_head.")]
+    if heads and not any(k.startswith("proto_head.") for k in state):
+        state |= {k: own[k] for k in heads}
+    elif not heads:
+        state = {k: v for k, v in state.items() if not k.startswith("proto_head.")}
+    check_state_dict(student, state, path)
+    student.load_state_dict(state, strict=True)
 
 
 def checkpoint_step(checkpoint: dict) -> int:

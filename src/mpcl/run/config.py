@@ -83,11 +83,30 @@ def _check_number(key: str, value, kind: type, low: float | None, strict: bool) 
 
 def validate(cfg: DictConfig) -> None:
     """Check what no constructor sees, before anything is built (one-line ConfigError): the
-    types and ranges of the numbers in ``NUMBERS``. Every other value is checked once, by the
-    constructor that takes it (its message names the config key); checkpoints are checked by
-    ``mpcl.run.resume``."""
+    types and ranges of the numbers in ``NUMBERS`` (an integer written as ``4e4`` becomes
+    40000 in ``cfg``), and that a GPU accelerator has a GPU. Every other value is checked
+    once, by the constructor that takes it (its message names the config key); checkpoints
+    are checked by ``mpcl.run.resume``."""
     for key, kind, low, strict in NUMBERS:
-        _check_number(key, _select(cfg, key), kind, low, strict)
+        value = _select(cfg, key)
+        _check_number(key, value, kind, low, strict)
+        if kind is int and isinstance(value, float):  # 4e4: integral (checked above)
+            OmegaConf.update(cfg, key, int(value), force_add=False)
+    _check_accelerator(cfg)
+
+
+def _check_accelerator(cfg: DictConfig) -> None:
+    """``trainer.accelerator=gpu`` (``trainer=gpu``) on a machine without CUDA: one line."""
+    accelerator = _select(cfg, "trainer.accelerator")
+    if str(accelerator).lower() not in ("gpu", "cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} but this machine has no CUDA GPU "
+            "(torch.cuda.is_available() is False): use trainer=cpu (or trainer.accelerator=auto)"
+        )
 
 
 def override_key(override: str) -> str:

@@ -149,6 +149,7 @@ class InterruptGuard(L.Callback):
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._trainer: L.Trainer | None = None
 
     def _install(self) -> None:
         if sys.platform == "win32":
@@ -171,14 +172,24 @@ class InterruptGuard(L.Callback):
             except (ValueError, TypeError):
                 pass
 
+    def _last_checkpoint(self) -> str:
+        """The newest complete checkpoint of this run ('' if none): saves are atomic, so the
+        file a save is writing stays the previous, intact one until it is renamed."""
+        trainer = self._trainer
+        if trainer is None:
+            return ""
+        cb = trainer.checkpoint_callback
+        last = getattr(cb, "last_model_path", "") or getattr(cb, "best_model_path", "")
+        if not last:
+            default = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+            last = str(default) if default.is_file() else ""
+        return str(Path(last).resolve()) if last else ""
+
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:  # the second signal: stop now
+        if self.signum is not None:  # the second signal: stop now, naming what is on disk
             self.restore()
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
+            step = self._trainer.global_step if self._trainer is not None else 0
+            raise RunInterrupted(signum, step, self._last_checkpoint(), saved=False)
         self.signum = signum
         name = signal.Signals(signum).name
         # os.write: print() is not safe inside a signal handler.
@@ -188,6 +199,7 @@ class InterruptGuard(L.Callback):
     # the main process stops them), and again after Lightning sets its own SIGTERM handler.
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.signum = None
+        self._trainer = trainer
         self._install()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

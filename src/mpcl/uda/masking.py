@@ -67,14 +67,17 @@ class MaskedConsistency(nn.Module):
     def forward(
         self,
         images: torch.Tensor,
-        strong_augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        strong_augment: Callable[..., torch.Tensor] | None = None,
+        augment_generator: torch.Generator | None = None,
+        mask_generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, 3, H, W) in [0, 1] -> masked images (B, 3, H, W) and the keep-mask
-        (B, 1, H, W), 1 = kept."""
+        (B, 1, H, W), 1 = kept. The augmentation and the mask draw from their own CPU
+        generators (the run's ``mic_augment`` / ``mic_mask`` streams; default: the global one)."""
         x = images
         if self.augment and strong_augment is not None:
-            x = strong_augment(x)
-        keep = block_mask(images, self.block_size, self.mask_ratio)
+            x = strong_augment(x, augment_generator)
+        keep = block_mask(images, self.block_size, self.mask_ratio, mask_generator)
         return keep * x + (1 - keep) * self.mean, keep
 
     def extra_repr(self) -> str:

@@ -172,9 +172,12 @@ class StrongAugment:
             "sigma": self.blur_sigma[0] + (self.blur_sigma[1] - self.blur_sigma[0]) * u[:, 10],
         }
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) float in [0, 1] -> augmented (B, 3, H, W) in [0, 1]."""
-        return self.apply(images, self.sample(images.shape[0]))
+    def __call__(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """(B, 3, H, W) float in [0, 1] -> augmented (B, 3, H, W) in [0, 1]; the parameters are
+        drawn from ``generator`` (CPU; default: torch's global one)."""
+        return self.apply(images, self.sample(images.shape[0], generator))
 
     @torch.no_grad()
     def apply(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:

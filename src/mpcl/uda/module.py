@@ -32,9 +32,11 @@ import torch.nn.functional as F
 from lightning.fabric.utilities.seed import reset_seed
 from torch import nn
 
-from mpcl.metrics import miou, segmentation_iou
+from mpcl.data.labels import IGNORE_INDEX, default_palette
+from mpcl.metrics import ClassSeparation, miou, segmentation_iou
 from mpcl.models.segmentor import SegmentationModel
 from mpcl.prototypes import PrototypeLearning
+from mpcl.streams import RandomStreams
 from mpcl.uda.feature_distance import FeatureDistance
 from mpcl.uda.masking import MaskedConsistency
 from mpcl.uda.mixing import StrongAugment, class_mix_mask, mix
@@ -44,6 +46,9 @@ from mpcl.uda.teacher import EMATeacher
 
 METHODS = ("dacs", "source_only", "oracle")
 PROTOTYPE_DOMAINS = ("source", "mixed")
+# The random consumers of the step, each with its own stream (mpcl.streams); the prototypes
+# keep theirs (feature-bank picks, K-Means seeding).
+STREAMS = ("classmix", "augment", "mic_augment", "mic_mask")
 
 
 class UDAModule(L.LightningModule):
@@ -73,6 +78,14 @@ class UDAModule(L.LightningModule):
         class_subsets: extra mIoU over class subsets, e.g. {"mIoU16": [...]} (Synthia).
         class_names: the label space, in label-id order (the data config's ``class_names``);
             C = its length, which the student's heads and the prototypes must share.
+        diagnostics_every: every N steps, the ratio of the prototype losses' gradient to the
+            segmentation losses' at the encoder output (``prototype/grad_ratio``; two extra
+            backward passes through the heads); 0 = never.
+        seed: the run's seed: ClassMix, the strong augmentation, MIC's augmentation and masks
+            draw from their own streams (``mpcl.streams``), so switching a component on or off
+            leaves the other draws of the run identical.
+        palette: (C, 3) RGB colours of the classes (the data config's ``palette``) for
+            figures, debug images and overlays; None: distinct default colours.
     """
 
     def __init__(
@@ -95,6 +108,9 @@ class UDAModule(L.LightningModule):
         consistency_domains: Sequence[str] | None = None,
         eval_resize: Sequence[int] | None = None,
         class_subsets: dict[str, Sequence[int]] | None = None,
+        palette: Sequence[Sequence[int]] | None = None,
+        diagnostics_every: int = 50,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if method not in METHODS:
@@ -144,9 +160,23 @@ class UDAModule(L.LightningModule):
         )
         self.class_names = list(class_names)
         self.num_classes = num_classes
+        # (C, 3) uint8 class colours (read by mpcl.monitor and mpcl.predict)
+        self.palette = default_palette(num_classes) if palette is None else np.asarray(palette)
+        if self.palette.shape != (num_classes, 3):
+            raise ValueError(
+                f"palette has shape {self.palette.shape}, expected ({num_classes}, 3): one RGB "
+                "colour per class"
+            )
+        self.palette = self.palette.astype(np.uint8)
         self.class_subsets = {k: list(v) for k, v in (class_subsets or {}).items()}
+        self.streams = RandomStreams(seed, STREAMS)
         self.val_iou = segmentation_iou(num_classes)
         self.val_proto_iou = segmentation_iou(num_classes) if prototype is not None else None
+        # Fisher's ratio of the target val features in prototype space (docs/method.md).
+        self.val_separation = (
+            ClassSeparation(num_classes, prototype.dim) if prototype is not None else None
+        )
+        self.diagnostics_every = diagnostics_every
         # The last validation's per-class IoU (C,) on the CPU and the step it ran at (read by
         # the report, the dashboard and mpcl.eval); None / -1 before the first validation.
         self.last_val_iou: torch.Tensor | None = None
@@ -219,12 +249,12 @@ class UDAModule(L.LightningModule):
         logs["quality_weight"] = quality
 
         # 4. ClassMix: paste half of the source classes onto the target.
-        mask = class_mix_mask(y_s, num_classes=self.num_classes)
+        mask = class_mix_mask(y_s, self.num_classes, self.streams["classmix"])
         x_m = mix(mask, x_s, x_t)
         y_m = mix(mask, y_s, y_t)
         w_m = mix(mask, torch.ones_like(w_t), w_t)
         if self.strong_augment is not None:
-            x_m = self.strong_augment(x_m)
+            x_m = self.strong_augment(x_m, self.streams["augment"])
         images = {
             "source": x_s, "source_label": y_s, "target": x_t, "pseudo_label": y_t,
             "quality_weight": w_m, "classmix_mask": mask, "mixed": x_m, "mixed_label": y_m,
@@ -244,18 +274,59 @@ class UDAModule(L.LightningModule):
             }
             names = [d for d in PROTOTYPE_DOMAINS if d in hp.prototype_domains]
             losses = [self._prototype_losses_of(d) for d in names]
-            loss = loss + self._prototype_loss([views[d] for d in names], logs, losses)
+            proto_loss = self._prototype_loss([views[d] for d in names], logs, losses)
+            logs["prototype/target_share"] = self._target_share(views, names, mask)
+            if self.diagnostics_every and self.global_step % self.diagnostics_every == 0:
+                logs["prototype/grad_ratio"] = self._grad_ratio(proto_loss, loss, (out_s, out_m))
+            loss = loss + proto_loss
 
         # 7. MIC: the masked target, trained on the unmasked target's pseudo-labels.
         if self.mic is not None:
-            x_k, keep = self.mic(x_t, self.strong_augment)
+            x_k, keep = self.mic(
+                x_t, self.strong_augment, self.streams["mic_augment"], self.streams["mic_mask"]
+            )
             images |= {"mic_masked": x_k, "mic_mask": keep}
-            loss_masked = student.seg_loss(student.forward_train(x_k), y_t, w_t)
+            # No prototype loss reads the masked pass: no prototype head (44% of a forward).
+            out_k = student.forward_train(x_k, with_features=False)
+            loss_masked = student.seg_loss(out_k, y_t, w_t)
             loss = loss + self.mic.weight * loss_masked
             logs["loss_masked"] = loss_masked
         # 8. Eq. 19 (the self-training part is Eq. 4: loss_source + loss_mixed): Lightning
         # backpropagates the sum.
         return self._log_train(loss, logs, images)
+
+    @staticmethod
+    @torch.no_grad()
+    def _target_share(views: dict, names: list[str], pasted: torch.Tensor) -> torch.Tensor:
+        """The share of the prototype losses' pixel weight that target pixels carry: the
+        mixed image's unpasted labelled pixels (weight w_T) over all labelled pixels of the
+        prototype views (source pixels weight 1, mixed w^M). 0-dim; 0 without a mixed view."""
+        total = torch.zeros((), device=pasted.device)
+        for name in names:
+            _, labels, weights = views[name]
+            total = total + (weights * (labels != IGNORE_INDEX)).sum()
+        if "mixed" not in names:
+            return total * 0
+        _, labels, weights = views["mixed"]
+        target = (weights * ((labels != IGNORE_INDEX) & ~pasted)).sum()
+        return target / total.clamp_min(1e-12)
+
+    @staticmethod
+    def _grad_ratio(
+        proto_loss: torch.Tensor, seg_loss: torch.Tensor, outputs: Sequence[dict]
+    ) -> torch.Tensor:
+        """||d proto_loss / d f|| / ||d seg_loss / d f|| over the encoder outputs f of the
+        source and mixed passes: how hard the prototype losses pull on the shared encoder
+        compared with the segmentation losses. Leaves every parameter's .grad untouched."""
+        features = [f for out in outputs for f in out["encoder_features"] if f.requires_grad]
+        if not features or not proto_loss.requires_grad:
+            return proto_loss.detach() * 0
+        norms = []
+        for term in (proto_loss, seg_loss):
+            grads = torch.autograd.grad(term, features, retain_graph=True, allow_unused=True)
+            squares = [g.float().pow(2).sum() for g in grads if g is not None]
+            norms.append(torch.stack(squares).sum().sqrt() if squares else term.new_zeros(()))
+        return (norms[0] / norms[1].clamp_min(1e-12)).detach()
 
     def _log_train(self, loss: torch.Tensor, logs: dict, images: dict) -> dict[str, Any]:
         batch_size = next(iter(images.values())).shape[0]
@@ -284,17 +355,30 @@ class UDAModule(L.LightningModule):
         logits = self.student.predict(self._resize_for_eval(images))
         return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
-    def prototype_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Prototype-based output (Table VI): (B, C, H, W) class scores from the prototypes."""
-        features = self.student.predict_features(self._resize_for_eval(images))
+    def prototype_logits(
+        self, images: torch.Tensor, features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Prototype-based output (Table VI): (B, C, H, W) class scores from the prototypes
+        (``features``: the images' prototype features, if already computed)."""
+        if features is None:
+            features = self.student.predict_features(self._resize_for_eval(images))
         scores = self.prototype.predict(features)
         return F.interpolate(scores, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         images, labels = batch["image"], batch["label"]
         self.val_iou.update(self.predict_logits(images).argmax(1), labels)
-        if self.val_proto_iou is not None and bool(self.prototype.prototypes.initialized.any()):
-            self.val_proto_iou.update(self.prototype_logits(images).argmax(1), labels)
+        if self.prototype is None:
+            return
+        features = self.student.predict_features(self._resize_for_eval(images))  # (B, D, h, w)
+        flat = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]).float()
+        if self.prototype.normalize_features:  # the space the prototypes live in
+            flat = F.normalize(flat, dim=1)
+        small = F.interpolate(labels[:, None].float(), size=features.shape[-2:], mode="nearest")
+        self.val_separation.update(flat, small.long().reshape(-1))
+        if bool(self.prototype.prototypes.initialized.any()):
+            logits = self.prototype_logits(images, features)
+            self.val_proto_iou.update(logits.argmax(1), labels)
 
     def on_validation_epoch_end(self) -> None:
         iou = self.val_iou.compute()
@@ -310,6 +394,9 @@ class UDAModule(L.LightningModule):
             self.log("val/mIoU_prototype", 100 * miou(self.val_proto_iou.compute()))
         if self.val_proto_iou is not None:
             self.val_proto_iou.reset()
+        if self.val_separation is not None and self.val_separation.update_count > 0:
+            self.log("val/class_separation", self.val_separation.compute().float())
+            self.val_separation.reset()
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict:
@@ -340,6 +427,7 @@ class UDAModule(L.LightningModule):
             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
             "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "streams": {name: g.get_state() for name, g in self._streams().items()},
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -353,3 +441,15 @@ class UDAModule(L.LightningModule):
         random.setstate((version, tuple(internal), gauss))
         if states.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(states["cuda"])
+        streams = self._streams()
+        for name, state in (states.get("streams") or {}).items():
+            if name in streams:  # a stream a checkpoint lacks keeps its fresh state
+                streams[name].set_state(state)
+
+    def _streams(self) -> dict[str, torch.Generator]:
+        """Every stream of the step by name (the prototypes' under ``prototype.``)."""
+        found = {name: self.streams[name] for name in self.streams}
+        if self.prototype is not None:
+            streams = self.prototype.streams
+            found |= {f"prototype.{name}": streams[name] for name in streams}
+        return found
