@@ -16,11 +16,12 @@ predicted.
 Words that contain "=" are Hydra overrides for every experiment; the others name experiments.
 Each experiment prints one line.
 
-**The fake-CUDA check** (``check_step``). The module is built as ``mpcl.train`` builds it (on
+**The fake-CUDA check** (``trace_cuda``). The module is built as ``mpcl.train`` builds it (on
 the CPU, steady state: every class has prototypes), then inside torch's ``FakeTensorMode``
 (tensors with a device, shape and dtype but no data, so nothing is computed and no GPU is
 needed) every parameter and buffer is moved to ``cuda`` (``to_empty``, what ``.to("cuda")``
-moves), the batch is made on ``cuda`` and ``UDAModule.training_step`` runs under CUDA's bf16
+moves), the batch is copied to ``cuda`` as Lightning copies a pinned batch, and
+``UDAModule.training_step`` runs under CUDA's bf16
 autocast policy (Lightning's ``bf16-mixed``; forced on, since ``torch.autocast("cuda")`` turns
 itself off without a GPU), then an AdamW and lr-scheduler step on CUDA gradients. The step
 fails (``CudaReadinessError``) on:
@@ -43,10 +44,15 @@ returns a (recorded) CPU copy; a non-blocking copy of a tensor it returned count
 asynchronous, any other CPU -> CUDA copy as a host sync.
 
 Backward on fake CUDA tensors needs a CUDA device (torch's autograd engine asks the driver
-for its streams: "hasPrimaryContext expects a valid device index"), so the backward and the
-AdamW step run a second time on fake CPU tensors under the CPU's bf16 autocast.
+for its streams: "hasPrimaryContext expects a valid device index"), so the whole step with
+its backward and AdamW step runs a second time on fake CPU tensors under the CPU's bf16
+autocast (``trace_cpu``; parameters, buffers and batch fake, the random numbers real). For
+the same reason the gradient diagnostic that ``uda.diagnostics_every`` runs inside every
+N-th step (``autograd.grad``) is switched off on fake CUDA (and under MemTracker); the
+steady-state step that the check traces is the other N - 1. The steps that start a class's
+prototypes (K-Means) are not traced either: they read flags to the host by design.
 
-**The memory prediction** (``--memory``, ``predict_memory``), bytes of live tensors (what
+**The memory prediction** (``--memory``, ``predicted_peak``), bytes of live tensors (what
 ``torch.cuda.max_memory_allocated`` reports, without the caching allocator's slack),
 by ``torch.distributed._tools.mem_tracker.MemTracker`` on fake tensors, which follows every
 tensor's storage and files it as a parameter, buffer, gradient, optimizer state, activation
@@ -58,14 +64,22 @@ tensor's storage and files it as a parameter, buffer, gradient, optimizer state,
    (teacher, ImageNet feature-distance encoder, student passes, prototypes, banks) +
    backward + AdamW: the peak and its breakdown;
 3. CUDA's autocast keeps more in fp32 than the CPU's (LayerNorm and softmax outputs, for
-   one), so the forward runs once more on fake CUDA tensors under CUDA's policy: the
-   activations (and temporaries) at the peak are scaled by the ratio of the activation
-   memory at the end of the forward on CUDA to that on the CPU.
+   one), so the forward also runs on fake CUDA tensors under CUDA's policy (the check
+   above, under MemTracker, which rounds CUDA blocks to 512 bytes as the caching allocator
+   does): the activations (and backward temporaries) at the peak are scaled by the ratio of
+   the activation memory at the end of the forward on CUDA to that on the CPU. At paper
+   size the peak is the end of the forward (all activations kept, no gradient yet), so the
+   prediction is in effect the fake-CUDA forward's own end state.
+
+What it does not see: buffers that kernels allocate inside themselves (cuDNN / cuBLAS
+workspaces on a GPU; oneDNN scratch on the CPU), the caching allocator's fragmentation, and
+the CUDA context (~0.3-0.5 GiB outside the allocator). ``fits`` adds 10 % and 0.5 GiB.
 
 ``--check-memory`` tests the method on what it did not compute: a real scaled-down step on
-the CPU (bf16 autocast), whose allocations torch.profiler records (``profile_memory``); the
-peak of the live bytes it reports is compared with MemTracker's prediction for the same
-step on fake CPU tensors.
+the CPU (bf16 autocast), whose allocations torch.profiler records (``profile_memory``: every
+allocation with the allocator's running total); the peak of the live bytes it reports is
+compared with MemTracker's prediction for the same step on fake CPU tensors
+(docs/benchmarks.md has the agreement).
 """
 
 from __future__ import annotations
@@ -80,6 +94,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.distributed._tools import mem_tracker
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -275,8 +290,54 @@ def cuda_bf16_autocast() -> Iterator[None]:
         torch.set_autocast_dtype("cuda", dtype)
 
 
+@contextlib.contextmanager
+def gpu_attention_backend() -> Iterator[None]:
+    """``F.scaled_dot_product_attention`` as a GPU runs it, on fake CUDA tensors.
+
+    Without a device to ask, torch's backend choice falls back to the math path, which keeps
+    the (B, heads, N, N_kv) attention matrix for the backward. An Ampere or newer GPU runs
+    FlashAttention for half-precision q, k, v without a mask and a head dim <= 256 (MiT's and
+    DINOv2's attention under bf16 autocast), which keeps the output and one log-sum-exp per
+    query: its kernel is called here directly (fake tensors have its shapes)."""
+    sdpa = F.scaled_dot_product_attention
+
+    def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        if q.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+            dtype = torch.get_autocast_dtype("cuda")  # sdpa is on autocast's bf16 list
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        flash = (
+            q.device.type == "cuda"
+            and attn_mask is None
+            and not kw.get("enable_gqa", False)
+            and q.dtype in (torch.bfloat16, torch.float16)
+            and q.dtype == k.dtype == v.dtype
+            and q.shape[-1] == v.shape[-1] <= 256
+            and q.shape[-1] % 8 == 0
+        )
+        if not flash:
+            return sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, **kw)
+        return _aten._scaled_dot_product_flash_attention(
+            q, k, v, dropout_p, is_causal, scale=scale
+        )[0]
+
+    F.scaled_dot_product_attention = attention
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = sdpa
+
+
 def _autocast(device: str):
-    return cuda_bf16_autocast() if device == "cuda" else torch.autocast(device, torch.bfloat16)
+    if device == "cuda":
+        return _cuda_step_context()
+    return torch.autocast(device, torch.bfloat16)
+
+
+@contextlib.contextmanager
+def _cuda_step_context() -> Iterator[None]:
+    """Lightning's bf16-mixed on a GPU: CUDA's autocast policy and its attention kernel."""
+    with cuda_bf16_autocast(), gpu_attention_backend():
+        yield
 
 
 def small_overrides(experiment: str) -> list[str]:
@@ -602,10 +663,32 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.memory:
             row["predicted"] = p = predicted_peak(row)
             parts = ", ".join(f"{c.lower()} {p[c]:.2f}" for c in CATEGORIES)
-            line += f"; predicted peak {p['Total']:.2f} GiB ({parts}; x{p['act_ratio']:.2f} act)"
+            line += (
+                f"; predicted peak {p['Total']:.2f} GiB ({parts}; activations x"
+                f"{p['act_ratio']:.2f} for CUDA's autocast; CPU autocast "
+                f"{row['cpu_peak']['Total'] / GIB:.2f} GiB; fits {fits(p['Total'])})"
+            )
         print(line, flush=True)
         rows.append(row)
     return rows
+
+
+# Common cards by memory (GiB), the smallest first.
+CARDS = {
+    11: "2080 Ti",
+    16: "V100 16GB / 4080 / A4000",
+    24: "3090 / 4090 / A5000 / Titan RTX",
+    40: "A100 40GB",
+    48: "A6000 / L40S",
+    80: "A100 80GB / H100",
+}
+
+
+def fits(peak_gib: float, headroom: float = 0.1, context_gib: float = 0.5) -> str:
+    """The smallest card of CARDS with room for ``peak_gib`` of tensors plus ``headroom`` of
+    it for the caching allocator's fragmentation and the CUDA context (``context_gib``)."""
+    need = peak_gib * (1 + headroom) + context_gib
+    return next((f">= {gib} GB ({name})" for gib, name in CARDS.items() if need <= gib), "none")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,10 @@ class _Recording(Segmentor):
     shares the list) and whose teacher logits are fixed."""
 
     def __init__(self, teacher_logits: Tensor) -> None:
-        super().__init__(MiT("b0", depths=(1, 1, 1, 1)), SegFormerHead([32, 64, 160, 256], 32, num_classes=NUM_CLASSES))
+        super().__init__(
+            MiT("b0", depths=(1, 1, 1, 1)),
+            SegFormerHead([32, 64, 160, 256], 32, num_classes=NUM_CLASSES),
+        )
         self.teacher_logits = teacher_logits
         self.seen: list[tuple[Tensor, Tensor | None]] = []
 
@@ -118,7 +121,9 @@ class TinySegmentor(nn.Module):
     def prototype_dim(self) -> int:
         return self.proto_head.out_channels
 
-    def forward_train(self, images: Tensor) -> dict[str, Any]:
+    def forward_train(
+        self, images: Tensor, with_features: bool = True, generator: torch.Generator | None = None
+    ) -> dict[str, Any]:
         feats = self.encoder(images)
         half = F.avg_pool2d(feats, 2)
         return {

@@ -397,6 +397,10 @@ class MiT(TimmEncoder):
             download the latter, or None (random init).
         drop_path_rate: stochastic depth, linearly increasing over all blocks (MiT: 0.1).
         depths: blocks per stage, overriding the variant's (for tiny test models only).
+        grad_checkpointing: activation checkpointing of the blocks (timm's
+            ``set_grad_checkpointing``): a block's activations are recomputed in the backward
+            instead of kept, for about one more encoder forward of compute
+            (``benchmarks/cuda_readiness.py --memory`` predicts the saving; docs/benchmarks.md).
 
     ``forward(x)``: x (B, 3, H, W) normalised -> 4 maps (B, out_channels[i], H/s_i, W/s_i)
     with strides s = (4, 8, 16, 32) (ceil for sizes not divisible by the stride).
@@ -408,6 +412,7 @@ class MiT(TimmEncoder):
         pretrained: str | None = None,
         drop_path_rate: float = 0.1,
         depths: Sequence[int] | None = None,
+        grad_checkpointing: bool = False,
     ) -> None:
         if variant not in MIT_ARCHS:
             raise ValueError(f"unknown MiT variant {variant!r}; choose one of {sorted(MIT_ARCHS)}")
@@ -425,6 +430,7 @@ class MiT(TimmEncoder):
             **overrides,
         )
         self.variant = variant
+        self.model.set_grad_checkpointing(grad_checkpointing)
         if pretrained is not None:
             load_mit_weights(self.model, pretrained, f"pvt_v2_{variant}")
 

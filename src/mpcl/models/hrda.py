@@ -222,7 +222,12 @@ class HRDASegmentor(nn.Module):
     def forward(self, images: Tensor) -> dict[str, Any]:
         return self.forward_train(images)
 
-    def forward_train(self, images: Tensor, with_features: bool = True) -> dict[str, Any]:
+    def forward_train(
+        self,
+        images: Tensor,
+        with_features: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Any]:
         """images (B, 3, H, W) in [0, 1], a full-resolution training crop -> dict with
 
         - ``fused``: (B, C, H/4, W/4) fused logits (HR grid; s = decode-head stride, 4 for MiT);
@@ -235,13 +240,16 @@ class HRDASegmentor(nn.Module):
         - ``hr_features``: (B, D, h_c/4, w_c/4) prototype features of the detail crop, or None;
         - ``encoder_features``: encoder features of the context (for Feature Distance);
         - ``encoder_input``: the normalised context images the encoder saw.
+
+        ``generator``: the CPU generator of the detail crop's corner (the run's ``hrda_crop``
+        stream; default: torch's global one).
         """
         height, width = images.shape[-2:]
         lr_images = _resize(images, self.lr_scale)
         lr = self.segmentor(lr_images, with_features)
         attention = self.scale_attention(lr["encoder_features"])
 
-        box = get_crop_box(height, width, self.hr_crop_size, self.crop_divisible)
+        box = get_crop_box(height, width, self.hr_crop_size, self.crop_divisible, generator)
         hr = self.segmentor(crop_labels(images, box), with_features)
 
         # Grid units in input pixels: one LR logit cell = lr_stride / lr_scale pixels.

@@ -53,6 +53,8 @@ class SegmentationModel(Protocol):
       images the encoder saw) feed ImageNet Feature Distance. ``with_features=False``: no
       prototype loss reads this pass (MIC's masked image), so the prototype head is skipped
       (its features are None) and ``prototype_views`` must not be called on the output.
+      ``generator``: the CPU generator of the pass's own random choices (HRDA's detail crop;
+      the run's ``hrda_crop`` stream, ``mpcl.streams``), if it makes any.
     - ``seg_loss(out, labels, weights)``: the model's (weighted) segmentation loss.
     - ``prototype_views(out, labels, weights)``: [PrototypeView] in ``resolutions`` order.
     - ``predict(images)``: logits (B, C, H, W); ``predict_features(images)``: prototype-head
@@ -66,7 +68,12 @@ class SegmentationModel(Protocol):
     @property
     def prototype_dim(self) -> int | None: ...
 
-    def forward_train(self, images: Tensor, with_features: bool = True) -> dict[str, Any]: ...
+    def forward_train(
+        self,
+        images: Tensor,
+        with_features: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Any]: ...
 
     def seg_loss(self, out: dict[str, Any], labels: Tensor, weights: Tensor | None) -> Tensor: ...
 
@@ -150,9 +157,15 @@ class Segmentor(nn.Module):
     def prototype_dim(self) -> int | None:
         return None if self.proto_head is None else self.proto_head.proto_dim
 
-    def forward_train(self, images: Tensor, with_features: bool = True) -> dict[str, Any]:
+    def forward_train(
+        self,
+        images: Tensor,
+        with_features: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Any]:
         """The training forward: ``forward``, with prototype features unless ``with_features``
-        is False (a pass no prototype loss reads)."""
+        is False (a pass no prototype loss reads). It draws no random numbers of its own
+        (``generator`` is unused)."""
         return self.forward(images, with_features)
 
     def seg_loss(self, out: dict[str, Any], labels: Tensor, weights: Tensor | None) -> Tensor:

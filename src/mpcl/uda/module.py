@@ -48,7 +48,7 @@ METHODS = ("dacs", "source_only", "oracle")
 PROTOTYPE_DOMAINS = ("source", "mixed")
 # The random consumers of the step, each with its own stream (mpcl.streams); the prototypes
 # keep theirs (feature-bank picks, K-Means seeding).
-STREAMS = ("classmix", "augment", "mic_augment", "mic_mask")
+STREAMS = ("classmix", "augment", "mic_augment", "mic_mask", "hrda_crop")
 
 
 class UDAModule(L.LightningModule):
@@ -194,7 +194,7 @@ class UDAModule(L.LightningModule):
             raise ValueError("uda=oracle needs a labelled target train set")
         domain = "source" if self.method == "source_only" else "target"
         images, labels = batch[f"{domain}_image"], batch[f"{domain}_label"]
-        out = self.student.forward_train(images)
+        out = self.student.forward_train(images, generator=self.streams["hrda_crop"])
         loss = self.student.seg_loss(out, labels, None)
         logs = {"loss_source": loss}
         if self.prototype is not None:
@@ -232,7 +232,8 @@ class UDAModule(L.LightningModule):
         logs["ema_alpha"] = torch.tensor(self.teacher.update(student, self.global_step))
 
         # 2. Source: supervised loss (+ ImageNet Feature Distance on the last encoder stage).
-        out_s = student.forward_train(x_s)
+        crops = self.streams["hrda_crop"]  # HRDA's detail crops (other students draw none)
+        out_s = student.forward_train(x_s, generator=crops)
         loss_source = student.seg_loss(out_s, y_s, None)
         loss = loss_source
         logs["loss_source"] = loss_source
@@ -261,7 +262,7 @@ class UDAModule(L.LightningModule):
         }  # fmt: skip
 
         # 5. Mixed: the weighted loss on the mixed labels (Eq. 3).
-        out_m = student.forward_train(x_m)
+        out_m = student.forward_train(x_m, generator=crops)
         loss_mixed = student.seg_loss(out_m, y_m, w_m)
         loss = loss + loss_mixed
         logs["loss_mixed"] = loss_mixed
@@ -287,7 +288,7 @@ class UDAModule(L.LightningModule):
             )
             images |= {"mic_masked": x_k, "mic_mask": keep}
             # No prototype loss reads the masked pass: no prototype head (44% of a forward).
-            out_k = student.forward_train(x_k, with_features=False)
+            out_k = student.forward_train(x_k, with_features=False, generator=crops)
             loss_masked = student.seg_loss(out_k, y_t, w_t)
             loss = loss + self.mic.weight * loss_masked
             logs["loss_masked"] = loss_masked
