@@ -295,6 +295,9 @@ def test_source_only_start_is_built_once_and_starts_the_student(cache_dir, tmp_p
     assert not any("proto_head" in k for k in state["state_dict"])  # source-only: no head
     mtime = path.stat().st_mtime_ns
     assert source_only_start(cfg) == path and path.stat().st_mtime_ns == mtime  # cached
+    other_seed = compose_train([*overrides, "seed=5"], tmp_path / "run5")
+    assert source_only_start(other_seed) == path  # one start for every run seed (ImageNet-like)
+    cfg = compose_train(overrides, tmp_path / "run")
     module = build_module.build_module(cfg, str(path))
     for key, value in state["state_dict"].items():
         if key.startswith("student."):

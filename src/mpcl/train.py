@@ -116,7 +116,8 @@ _START_KEYS = ("model", "data", "benchmark", "uda.optimizer", "uda.head_lr_mult"
 def source_only_start(cfg: DictConfig) -> Path:
     """The checkpoint of ``init_from=source_only``: the student of ``cfg`` trained on the
     source domain alone (``uda.method=source_only``, no prototypes) for ``pretrain.steps``
-    iterations, with ``cfg``'s model, data, optimizer and seed.
+    iterations, with ``cfg``'s model, data and optimizer and ``pretrain.seed``: like ImageNet
+    weights, one start for every seed of a study (the run's seed does not change it).
 
     Built once per such configuration (a hash of it names the file), deterministically, under
     ``<paths.cache_dir>/starts/``; concurrent runs (sweep jobs, DDP ranks) wait on a file lock
@@ -131,6 +132,7 @@ def source_only_start(cfg: DictConfig) -> Path:
         pre.uda.method = "source_only"
         pre.prototype = None
         pre.init_from = pre.ckpt_path = None
+        pre.seed = int(cfg.pretrain.get("seed", 0))
         pre.evaluate = False
         pre.logger = None
         pre.trainer.max_steps = steps
