@@ -24,6 +24,7 @@ step lists those as well.
 
 from __future__ import annotations
 
+import importlib.util
 import linecache
 import re
 import sys
@@ -55,21 +56,14 @@ CPU_RANDOM_SYNCS: dict[tuple[str, str, str], str] = {
 
 ALLOWED = CPU_RANDOM_SYNCS
 
+# The ops that read a device value or a data-dependent shape on the host: one list, shared
+# with the fake-CUDA check of benchmarks/cuda_readiness.py.
+_path = Path(__file__).parents[1] / "benchmarks" / "cuda_readiness.py"
+_spec = importlib.util.spec_from_file_location("cuda_readiness", _path)
+_readiness = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_readiness)
+SYNC_OPS, INDEX_OPS = _readiness.SYNC_OPS, _readiness.INDEX_OPS
 _aten = torch.ops.aten
-SYNC_OPS = {
-    _aten._local_scalar_dense,
-    _aten.nonzero,
-    _aten._unique,
-    _aten._unique2,
-    _aten.unique_dim,
-    _aten.unique_consecutive,
-    _aten.unique_dim_consecutive,
-    _aten.masked_select,
-    _aten.bincount,
-    _aten.equal,
-    _aten.histc,
-}
-INDEX_OPS = {_aten.index, _aten.index_put, _aten.index_put_, _aten._index_put_impl_}
 PACKAGE = Path(mpcl.__file__).parent
 _TRACEBACK_LINE = re.compile(r'File "(.+)", line (\d+), in (\S+)')
 
