@@ -110,14 +110,7 @@ _spec = importlib.util.spec_from_file_location(
 step_time = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(step_time)
 
-EXPERIMENTS = [
-    *(
-        f"{f}_{v}"
-        for f in ("daformer", "hrda", "mic")
-        for v in ("baseline", "centroid", "gaussian")
-    ),
-    "vfm_gaussian",
-]
+EXPERIMENTS = [*step_time.FRAMEWORK_EXPERIMENTS, "vfm_gaussian"]
 GIB = 2**30
 # MemTracker's categories: parameters, gradients, optimizer states, activations (made in a
 # forward), temporaries (made in a backward: activation gradients), buffers.

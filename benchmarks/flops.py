@@ -45,11 +45,7 @@ _spec = importlib.util.spec_from_file_location(
 step_time = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(step_time)
 
-EXPERIMENTS = [
-    f"{framework}_{variant}"
-    for framework in ("daformer", "hrda", "mic")
-    for variant in ("baseline", "centroid", "gaussian")
-]
+EXPERIMENTS = step_time.FRAMEWORK_EXPERIMENTS
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM, dense (no sparsity) bf16 tensor-core peak
 PARTS = ("teacher", "imagenet_encoder", "augment", "prototype")  # metered calls
 

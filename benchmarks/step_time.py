@@ -30,6 +30,13 @@ from omegaconf import open_dict
 
 from mpcl.run.build import build_module
 
+# The paper's nine experiments (framework x prototype kind), the benchmarks' default set.
+FRAMEWORK_EXPERIMENTS = [
+    f"{framework}_{variant}"
+    for framework in ("daformer", "hrda", "mic")
+    for variant in ("baseline", "centroid", "gaussian")
+]
+
 
 def compose_experiment(experiment: str, overrides: list[str]):
     GlobalHydra.instance().clear()
