@@ -69,6 +69,35 @@ def test_folder_gives_label_pngs_and_overlays(checkpoint, tmp_path):
         np.testing.assert_array_equal(blended, want)
 
 
+def test_folder_labels_are_the_class_sets_ids(cache_dir, tmp_path):
+    # A classes.yaml whose ids are not the class indices (one past 255): the label PNGs hold
+    # the ids, 16-bit, as the set's own label files do.
+    classes = tmp_path / "classes.yaml"
+    classes.write_text(
+        "classes:\n"
+        "  - {name: soil, id: 3, color: [120, 80, 40]}\n"
+        "  - {name: crop, id: 7, color: [40, 200, 40]}\n"
+        "  - {name: weed, id: 300, color: [250, 50, 50]}\n"
+        "ignore_index: 0\n"
+    )
+    overrides = [f"paths.cache_dir={cache_dir}", *tiny_synthetic(), f"label_set={classes}"]
+    torch.manual_seed(0)
+    module = build_module(compose_train(overrides, tmp_path / "build"))
+    assert module.num_classes == 3
+    ckpt = tmp_path / "weights.ckpt"
+    torch.save({"state_dict": module.state_dict()}, ckpt)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rgb = np.random.default_rng(1).integers(0, 256, (48, 64, 3), np.uint8)
+    cv2.imwrite(str(folder / "a.png"), rgb[..., ::-1])
+    out = tmp_path / "pred"
+    predict(compose_train([*overrides, f"ckpt_path={ckpt}", f"input={folder}"], out, "predict"))
+    labels = cv2.imread(str(out / "labels" / "a.png"), cv2.IMREAD_UNCHANGED)
+    indices = _direct(overrides, ckpt, tmp_path)(rgb)
+    assert labels.dtype == np.uint16 and set(np.unique(labels)) <= {3, 7, 300}
+    np.testing.assert_array_equal(labels, np.array([3, 7, 300])[indices])
+
+
 def test_overlay_leaves_unlabelled_pixels():
     image = np.full((2, 2, 3), 100, np.uint8)
     labels = np.array([[0, 255], [255, 255]], np.uint8)

@@ -119,9 +119,7 @@ class Exporter:
                 f"{label_set.source or 'another'} ({len(label_set)} classes): use export.format=ids"
             )
         self.label_set = label_set
-        ids = np.zeros(256, dtype=np.uint16 if max(label_set.ids) > 255 else np.uint8)
-        ids[: len(label_set)] = label_set.ids
-        self.ids = ids  # (256,) class index -> the label set's id
+        self.ids = label_set.id_lut()  # (256,) class index -> the label set's id
         if not 0.0 <= invalid_below <= 1.0:
             raise ValueError(f"export.invalid_below={invalid_below} must be in [0, 1]")
         self.format = FORMATS[fmt]

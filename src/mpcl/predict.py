@@ -3,14 +3,16 @@
     # A test split in its server's format (mpcl.export), zipped, + colour previews:
     python -m mpcl.predict ckpt_path=<file.ckpt> experiment=mic_gaussian data=cs2acdc split=test
     python -m mpcl.predict ckpt_path=<file.ckpt>             # synthetic: its val split, label IDs
-    # Any images or a video: label PNGs (trainIds) + coloured overlays (+ overlay video):
+    # Any images or a video: label PNGs (the label set's ids) + coloured overlays (+ video):
     python -m mpcl.predict ckpt_path=<file.ckpt> input=/photos [experiment=... as in training]
     python -m mpcl.predict ckpt_path=<file.ckpt> input=drive.mp4 video_stride=5
 
 Outputs (``<run dir>``): for a split, the server folders (``labelIds/`` | ``labelTrainIds/``
 [, ``labelTrainIds_invalid/``, ``confidence/``]), ``color/`` and ``<format>_submission.zip``;
-for ``input=``, ``labels/<name>.png`` (uint8 trainIds at the image size), ``overlay/<name>.png``
-(the image blended with the class colours) and, for a video, ``overlay.mp4``.
+for ``input=``, ``labels/<name>.png`` (at the image size, in the label set's ids: trainIds for
+Cityscapes, each class's ``id`` for a classes.yaml, 16-bit where an id exceeds 255),
+``overlay/<name>.png`` (the image blended with the class colours) and, for a video,
+``overlay.mp4``.
 """
 
 from __future__ import annotations
@@ -145,6 +147,7 @@ def predict_input(cfg: DictConfig, module: L.LightningModule, device: str) -> Pa
     if stride < 1:
         raise ConfigError(f"video_stride={stride} must be >= 1")
     alpha = float(cfg.get("overlay_alpha", 0.5))
+    ids = label_set(cfg.label_set).id_lut()  # class index -> the value label files hold
     is_video = source.is_file()
     count = 0
     # The overlay video goes to a temp file beside it (with the .mp4 suffix OpenCV picks the
@@ -157,7 +160,7 @@ def predict_input(cfg: DictConfig, module: L.LightningModule, device: str) -> Pa
             image = torch.from_numpy(rgb).permute(2, 0, 1).float().div(255)[None].to(device)
             train_ids = module.predict_logits(image).argmax(1)[0].to(torch.uint8).cpu().numpy()
             labels_png = out_dir / "labels" / f"{name}.png"
-            write_image(labels_png, train_ids)
+            write_image(labels_png, ids[train_ids])
             blended = cv2.cvtColor(
                 overlay(rgb, train_ids, module.palette, alpha), cv2.COLOR_RGB2BGR
             )
@@ -185,7 +188,7 @@ def predict_input(cfg: DictConfig, module: L.LightningModule, device: str) -> Pa
         if writer is not None:
             writer.release()
         tmp_video.unlink(missing_ok=True)
-    echo(f"{count} predictions: {out_dir / 'labels'} (trainIds), overlays: {out_dir / 'overlay'}")
+    echo(f"{count} predictions: {out_dir / 'labels'} (label ids), overlays: {out_dir / 'overlay'}")
     return out_dir
 
 

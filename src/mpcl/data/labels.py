@@ -147,6 +147,13 @@ class LabelSet:
         """(C, 3) uint8 RGB class colours."""
         return np.array(self.colors, dtype=np.uint8).reshape(-1, 3)
 
+    def id_lut(self) -> np.ndarray:
+        """(256,) class index -> the class's ``id`` (uint8, uint16 where an id exceeds 255):
+        ``lut[class_indices]`` turns a prediction into the values of the set's label files."""
+        lut = np.zeros(256, dtype=np.uint16 if max(self.ids) > 255 else np.uint8)
+        lut[: len(self)] = self.ids
+        return lut
+
     def value_to_class(self, label_format: str) -> dict[int, int]:
         """Label-file value -> class index (``IGNORE_INDEX`` for the ignore value) of the
         ``index`` or ``raw`` format; colours are encoded as ``(r << 16) | (g << 8) | b``."""
