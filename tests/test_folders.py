@@ -14,6 +14,7 @@ import pytest
 import yaml
 from conftest import TINY_BANK, compose_train
 
+from mpcl.data.base import exif_orientation, read_image
 from mpcl.data.folders import (
     FolderDataset,
     folder_dataset,
@@ -24,6 +25,7 @@ from mpcl.data.folders import (
     read_prepared_label,
     size_defaults,
 )
+from mpcl.data.folders import read_image as read_folder_image
 from mpcl.data.labels import CITYSCAPES, IGNORE_INDEX, colorize, label_set, parse_label_set
 from mpcl.data.rcs import compute_class_stats, load_stats
 from mpcl.export import Exporter, format_for_dataset
@@ -233,6 +235,39 @@ def test_prepare_folders_writes_once_and_training_reads_it(tmp_path, capsys):
         read_prepared_label
     )
     assert prepare_folders(classes, root / "images", root / "labels").converted == 4
+
+
+def _exif_turned_jpeg(path: Path, stored: np.ndarray, orientation: int = 6) -> None:
+    """A JPEG of ``stored`` (H, W, 3) RGB pixels with an EXIF orientation tag (6: shown turned
+    90 degrees clockwise, W x H)."""
+    from PIL import Image
+
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, exif=exif, quality=95)
+
+
+def test_exif_turned_photos_are_read_as_displayed(tmp_path, capsys):
+    classes = write_classes(tmp_path / "classes.yaml")
+    root = tmp_path / "data"
+    stored = np.zeros((24, 40, 3), np.uint8)  # stored 40 x 24, displayed 24 x 40
+    _exif_turned_jpeg(root / "images" / "phone.jpg", stored)
+    assert exif_orientation(root / "images" / "phone.jpg") == 6
+    # training (Pillow) and predict (OpenCV) read it alike, as displayed
+    assert read_image(root / "images" / "phone.jpg").shape == (40, 24, 3)
+    assert read_folder_image(root / "images" / "phone.jpg").shape == (40, 24, 3)
+    # a label drawn on the stored pixels: the size error says why
+    (root / "labels").mkdir(parents=True)
+    cv2.imwrite(str(root / "labels" / "phone.png"), ids_image(0, (24, 40)).astype(np.uint16))
+    with pytest.raises(ValueError, match="the image's EXIF orientation turns it: draw the label"):
+        prepare_folders(classes, root / "images", root / "labels")
+    # drawn on the displayed image: prepared, and the turn is said
+    cv2.imwrite(str(root / "labels" / "phone.png"), ids_image(0, (40, 24)).astype(np.uint16))
+    assert prepare_folders(classes, root / "images", root / "labels").converted == 1
+    out = capsys.readouterr().out
+    assert "1 images carry an EXIF rotation" in out and "phone.jpg" in out
 
 
 def test_size_defaults_follow_the_images(tmp_path):

@@ -38,7 +38,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from mpcl.data import folders
-from mpcl.data.base import SegmentationDataset, check_label_values
+from mpcl.data.base import SegmentationDataset, check_label_values, exif_orientation
 from mpcl.data.datasets import (
     ACDC_CONDITIONS,
     CITYSCAPES_KNOWN_IDS,
@@ -362,6 +362,13 @@ def prepare_folders(
     if len(set(names)) != len(names):
         log.warning(
             "folders: image names repeat in subfolders; Rare Class Sampling needs unique names"
+        )
+    rotated = [p for p in image_paths if exif_orientation(p) != 1]
+    if rotated:  # a label drawn on the stored pixels would be turned against its image
+        say(
+            console,
+            f"folders: {len(rotated)} images carry an EXIF rotation (first: {rotated[0]}) and "
+            "are read turned, as displayed: their labels must be drawn on the displayed image",
         )
     save_stats(stats_from_counts(names, counts), out)
     atomic_write_bytes(out / folders.LABEL_SET_FILE, json.dumps(fingerprint).encode())

@@ -14,9 +14,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from mpcl.data.labels import IGNORE_INDEX
+
+EXIF_ORIENTATION = 0x0112  # the EXIF tag of the image's turn/mirror (1: as stored)
 
 cv2.setNumThreads(0)  # DataLoader workers parallelise; OpenCV threads would oversubscribe
 
@@ -61,6 +64,17 @@ def read_image(path: str | Path) -> np.ndarray:
     if img is None:
         raise OSError(f"cannot read image {path}: missing or corrupt file; re-extract or delete it")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def exif_orientation(path: str | Path) -> int:
+    """The EXIF orientation tag of an image file (1, as stored, when it has none): 2-8 mean
+    ``read_image`` returns it turned or mirrored, as viewers display it (OpenCV applies the
+    tag). Reads the header only."""
+    try:
+        with Image.open(path) as image:
+            return int(image.getexif().get(EXIF_ORIENTATION, 1))
+    except (OSError, ValueError):
+        return 1  # no readable header: read_image says what is wrong with the file
 
 
 def read_label(path: str | Path) -> np.ndarray:

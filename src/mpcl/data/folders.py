@@ -29,9 +29,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
-from mpcl.data.base import SegmentationDataset
+from mpcl.data.base import SegmentationDataset, exif_orientation
 from mpcl.data.labels import LabelSet, label_set
 from mpcl.data.rcs import (
     SAMPLE_CLASS_STATS,
@@ -156,8 +156,10 @@ def _open(path: Path, what: str) -> Image.Image:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of an image file (Pillow: truncated files are errors)."""
-    return np.array(_open(Path(path), "image").convert("RGB"))
+    """(H, W, 3) uint8 RGB of an image file as displayed: turned by its EXIF orientation, as
+    viewers, labelling tools and ``mpcl.data.base.read_image`` (predict) show it (Pillow:
+    truncated files are errors)."""
+    return np.array(ImageOps.exif_transpose(_open(Path(path), "image")).convert("RGB"))
 
 
 def read_label_values(path: str | Path, label_format: str) -> np.ndarray:
@@ -232,11 +234,19 @@ def read_prepared_label(path: str | Path) -> np.ndarray:
 def check_same_size(
     image: np.ndarray, label: np.ndarray, image_path: Path, label_path: Path
 ) -> None:
-    """A label must have its image's size (W x H in the message)."""
+    """A label must have its image's size (W x H in the message), the image as displayed
+    (turned by its EXIF orientation, as ``read_image`` returns it)."""
     if label.shape[:2] != image.shape[:2]:
+        turned = exif_orientation(image_path) != 1
+        fix = (
+            "the image's EXIF orientation turns it: draw the label on the displayed image, or "
+            "remove the tag"
+            if turned
+            else "labels must have their image's size"
+        )
         raise ValueError(
             f"label {label_path} is {label.shape[1]}x{label.shape[0]} but its image {image_path} "
-            f"is {image.shape[1]}x{image.shape[0]} (W x H); labels must have their image's size"
+            f"is {image.shape[1]}x{image.shape[0]} (W x H); {fix}"
         )
 
 
