@@ -25,6 +25,9 @@ at a time, against the control with both prototype losses off:
 
     python benchmarks/ablation.py --root /tmp/study --rows study_control study_mpcl \
         --seeds 0 1 2 3 4 5 6 7 8 9 --baseline study_control --run --workers 2 --csv study.csv
+    # the same pairs on another logged value, e.g. the target class separation
+    python benchmarks/ablation.py --root /tmp/study --rows study_control study_mpcl \
+        --seeds 0 1 2 3 4 5 6 7 8 9 --baseline study_control --metric val/class_separation
 """
 
 from __future__ import annotations
@@ -215,16 +218,20 @@ def run(root: Path, rows: list[str], seeds: list[int], extra: list[str], workers
         sys.exit(f"error: {len(failed)} of {len(commands)} runs failed: {', '.join(failed)}")
 
 
-def summarise(root: Path, rows: list[str], seeds: list[int], baseline: str) -> list[str]:
-    """Markdown table lines: per-seed mIoU, mean ± std, paired tests against ``baseline``."""
+def summarise(
+    root: Path, rows: list[str], seeds: list[int], baseline: str, metric: str = "val/mIoU"
+) -> list[str]:
+    """Markdown table lines: per-seed ``metric`` (a run's last logged value), mean ± std,
+    paired tests against ``baseline``."""
 
-    def values(name: str, key: str = "val/mIoU") -> dict[int, float]:
+    def values(name: str, key: str = metric) -> dict[int, float]:
         found = {s: final_metric(root / f"{name}_{s}" / "csv" / "metrics.csv", key) for s in seeds}
         return {s: v for s, v in found.items() if v is not None}
 
+    digits = 2 if "IoU" in metric else 3  # IoUs are percentages; ratios need more
     base = values(baseline)
     lines = [
-        f"| row | group | seeds | per seed | mIoU mean ± std | vs {baseline} (paired) | "
+        f"| row | group | seeds | per seed | {metric} mean ± std | vs {baseline} (paired) | "
         "95 % CI | t-test p | sign-flip p | prototype-output mIoU |",
         "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -233,8 +240,8 @@ def summarise(root: Path, rows: list[str], seeds: list[int], baseline: str) -> l
         if not got:
             continue
         seeds_run = sorted(got)
-        per_seed = ", ".join(f"{got[s]:.2f}" for s in seeds_run)
-        mean_std = _mean_std(list(got.values()))
+        per_seed = ", ".join(f"{got[s]:.{digits}f}" for s in seeds_run)
+        mean_std = _mean_std(list(got.values()), digits)
         proto = values(name, "val/mIoU_prototype")
         proto_text = _mean_std(list(proto.values())) if proto else "-"
         paired = [s for s in seeds_run if s in base]
@@ -243,8 +250,10 @@ def summarise(root: Path, rows: list[str], seeds: list[int], baseline: str) -> l
         else:
             a, b = [got[s] for s in paired], [base[s] for s in paired]
             d = [x - y for x, y in zip(a, b, strict=True)]
-            diff = f"{statistics.mean(d):+.2f} ± {statistics.stdev(d):.2f} (n={len(d)})"
-            ci = "[{:+.2f}, {:+.2f}]".format(*paired_ci(a, b))
+            diff = (
+                f"{statistics.mean(d):+.{digits}f} ± {statistics.stdev(d):.{digits}f} (n={len(d)})"
+            )
+            ci = "[{:+.{n}f}, {:+.{n}f}]".format(*paired_ci(a, b), n=digits)
             t_p, flip_p = f"{paired_t_test(a, b):.3f}", f"{sign_flip_test(a, b):.3f}"
         lines.append(
             f"| {name} | {LADDER.get(name, ('-',))[0]} | {','.join(map(str, seeds_run))} | "
@@ -273,10 +282,10 @@ def write_csv(root: Path, rows: list[str], seeds: list[int], path: Path) -> int:
     return written
 
 
-def _mean_std(values: list[float]) -> str:
+def _mean_std(values: list[float], digits: int = 2) -> str:
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -288,6 +297,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--extra", nargs="*", default=[], help="overrides for every run")
     parser.add_argument("--run", action="store_true", help="train missing runs first")
     parser.add_argument("--list", action="store_true", help="print the rows and exit")
+    parser.add_argument(
+        "--metric", default="val/mIoU", help="the metrics.csv column compared (last value)"
+    )
     parser.add_argument("--csv", type=Path, help="also write every finished run's values here")
     parser.add_argument("--workers", type=int, default=1, help="runs at a time (with --run)")
     args = parser.parse_args(argv)
@@ -300,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: unknown rows {unknown}: see --list")
     if args.run:
         run(args.root, args.rows, args.seeds, args.extra, args.workers)
-    print("\n".join(summarise(args.root, args.rows, args.seeds, args.baseline)))
+    print("\n".join(summarise(args.root, args.rows, args.seeds, args.baseline, args.metric)))
     if args.csv:
         write_csv(args.root, args.rows, args.seeds, args.csv)
 

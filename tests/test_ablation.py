@@ -57,6 +57,21 @@ def test_summary_pairs_by_seed(tmp_path):
     assert lines[4].startswith("| early | item 2 | 0 | 19.00 | 19.00 | - | - | - |")
 
 
+def test_summary_of_another_metric(tmp_path):
+    for seed, (base, mpcl) in enumerate([(0.5, 0.62), (0.52, 0.7)]):
+        for name, value in (("study_control", base), ("study_mpcl", mpcl)):
+            run = tmp_path / f"{name}_{seed}" / "csv"
+            run.mkdir(parents=True)
+            (run / "metrics.csv").write_text(f"step,val/class_separation\n9,0.1\n1999,{value}\n")
+    lines = ablation.summarise(
+        tmp_path, ["study_control", "study_mpcl"], [0, 1], "study_control",
+        metric="val/class_separation",
+    )  # fmt: skip
+    assert "| val/class_separation mean ± std |" in lines[0]
+    assert lines[3].startswith("| study_mpcl | issue 21 | 0,1 | 0.620, 0.700 | 0.660 ± 0.057 |")
+    assert "+0.150 ± 0.042 (n=2)" in lines[3]
+
+
 def test_every_row_names_known_overrides():
     for name, (_, overrides) in ablation.LADDER.items():
         assert overrides and all("=" in o for o in overrides), name
