@@ -235,6 +235,7 @@ def test_multirun_sweeps_two_values(cache_dir, tmp_path):
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=subprocess_env(cache_dir), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "LeafSpec" not in proc.stderr  # Lightning's own deprecation warning, filtered
     jobs = sorted(tmp_path.glob("train/multiruns/*/*/.hydra/overrides.yaml"))
     assert len(jobs) == 2
     assert ["prototype.K=1" in j.read_text() for j in jobs] == [True, False]

@@ -8,6 +8,9 @@ from omegaconf import OmegaConf
 # schema of the same name, so Hydra 1.3 validates them against it (deprecated, with a warning
 # on every run; the files stay complete configs without it).
 warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema")
+# Lightning (<= 2.6) tests `isinstance(treespec, LeafSpec)` in its own pytree helper, which
+# torch >= 2.10 deprecates, with a warning on every run: nothing of ours to change.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 __version__ = "0.1.0"
 
