@@ -157,14 +157,28 @@ def t_quantile(p: float, df: int) -> float:
     return (low + high) / 2
 
 
+def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and the ``level`` confidence interval of the mean (Student's t; nan below 2)."""
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    half = t_quantile(1 - level, len(values) - 1) * statistics.stdev(values)
+    half /= math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
 def paired_ci(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float]:
     """The ``level`` confidence interval of the mean paired difference a - b (Student's t)."""
     diffs = [x - y for x, y in zip(a, b, strict=True)]
-    n = len(diffs)
-    if n < 2:
+    if len(diffs) < 2:
         return float("nan"), float("nan")
-    half = t_quantile(1 - level, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
-    return statistics.mean(diffs) - half, statistics.mean(diffs) + half
+    return mean_ci(diffs, level)[1:]
+
+
+def paired_columns(a: list[float], b: list[float], digits: int) -> tuple[str, str, str]:
+    """The summary tables' paired columns of a vs b: 95 % CI, t-test p, sign-flip p."""
+    ci = "[{:+.{n}f}, {:+.{n}f}]".format(*paired_ci(a, b), n=digits)
+    return ci, f"{paired_t_test(a, b):.3f}", f"{sign_flip_test(a, b):.3f}"
 
 
 def paired_t_test(a: list[float], b: list[float]) -> float:
@@ -253,8 +267,7 @@ def summarise(
             diff = (
                 f"{statistics.mean(d):+.{digits}f} ± {statistics.stdev(d):.{digits}f} (n={len(d)})"
             )
-            ci = "[{:+.{n}f}, {:+.{n}f}]".format(*paired_ci(a, b), n=digits)
-            t_p, flip_p = f"{paired_t_test(a, b):.3f}", f"{sign_flip_test(a, b):.3f}"
+            ci, t_p, flip_p = paired_columns(a, b, digits)
         lines.append(
             f"| {name} | {LADDER.get(name, ('-',))[0]} | {','.join(map(str, seeds_run))} | "
             f"{per_seed} | {mean_std} | {diff} | {ci} | {t_p} | {flip_p} | {proto_text} |"

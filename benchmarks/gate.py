@@ -30,15 +30,13 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
-import math
 import os
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ablation import t_quantile  # noqa: E402
+from ablation import mean_ci  # noqa: E402
 
 STEPS = 100
 QUALITY, TARGET_SHARE = "train/quality_weight", "train/prototype/target_share"
@@ -63,16 +61,6 @@ def per_step(metrics_csv: Path, key: str, steps: int = STEPS) -> list[float]:
         return []
     with metrics_csv.open() as f:
         return [float(r[key]) for r in csv.DictReader(f) if r.get(key) and int(r["step"]) < steps]
-
-
-def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
-    """Mean and the ``level`` confidence interval of the mean (Student's t)."""
-    mean = statistics.mean(values)
-    if len(values) < 2:
-        return mean, float("nan"), float("nan")
-    half = t_quantile(1 - level, len(values) - 1) * statistics.stdev(values)
-    half /= math.sqrt(len(values))
-    return mean, mean - half, mean + half
 
 
 def run_name(start_steps: int, theta: float, seed: int) -> str:

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ablation import paired_ci, paired_t_test, sign_flip_test  # noqa: E402
+from ablation import paired_columns  # noqa: E402
 
 CACHE = "encoder_separation.json"
 
@@ -94,8 +94,7 @@ def summarise(root: Path, rows: list[str], seeds: list[int], baseline: str) -> l
                 y = [values[baseline, s][i] for s in paired]
                 d = [p - q for p, q in zip(x, y, strict=True)]
                 diff = f"{statistics.mean(d):+.3f} (n={len(d)})"
-                ci = "[{:+.3f}, {:+.3f}]".format(*paired_ci(x, y))
-                t_p, flip_p = f"{paired_t_test(x, y):.3f}", f"{sign_flip_test(x, y):.3f}"
+                ci, t_p, flip_p = paired_columns(x, y, digits=3)
             lines.append(
                 f"| {row} | {i + 1} | {','.join(map(str, got))} | {statistics.mean(a):.3f}"
                 f"{spread} | {diff} | {ci} | {t_p} | {flip_p} |"
